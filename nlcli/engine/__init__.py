@@ -1,0 +1,1 @@
+"""The serving engine: server args, scheduler, caches, model runner, models and layers."""

@@ -1,0 +1,1 @@
+"""KV memory: ReqToTokenPool, TokenToKVPool and its allocator, and the radix prefix cache."""

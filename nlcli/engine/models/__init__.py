@@ -1,0 +1,1 @@
+"""Decoder and encoder models written in torch, and the registry from architectures to classes."""

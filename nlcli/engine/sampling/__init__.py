@@ -1,0 +1,1 @@
+"""Sampling parameters, penalties, the batched sampler, logprobs and grammar constraints."""
