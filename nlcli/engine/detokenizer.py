@@ -1,0 +1,73 @@
+"""Incremental detokenization of one request's output ids, in the API process.
+
+Decoding only a window of recent ids keeps each step O(window) while staying identical to a full
+decode: `decode(ids[surr:])` minus `decode(ids[surr:read])` is the new text, where `surr` trails
+`read` by a few tokens so that tokenizers whose rendering depends on neighbours (leading-space
+markers, byte fallback) see the context they need. A window that ends in an incomplete UTF-8
+sequence (rendered as U+FFFD) is held back until the next token completes it.
+
+Stop strings are matched here, on text, since that is where text exists: the caller learns the
+matched string and the text is cut before it (unless no_stop_trim).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True, stop: Sequence[str] = (),
+                 no_stop_trim: bool = False):
+        self.tokenizer = tokenizer
+        self.kwargs = {"skip_special_tokens": skip_special_tokens}
+        if not spaces_between_special_tokens:
+            self.kwargs["spaces_between_special_tokens"] = False
+        # Seed the window with the prompt's tail so the first output token renders in context.
+        self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.surr = 0
+        self.read = len(self.ids)
+        self.n_prompt_ctx = len(self.ids)
+        self.text = ""
+        self.stop = [s for s in stop if s]
+        self.no_stop_trim = no_stop_trim
+        self.matched_stop: Optional[str] = None
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, **self.kwargs)
+
+    def add(self, new_ids: Sequence[int], final: bool = False) -> str:
+        """Append ids; returns the cumulative text (held back at an incomplete character)."""
+        if self.matched_stop is not None:
+            return self.text
+        self.ids.extend(new_ids)
+        prefix = self._decode(self.ids[self.surr:self.read])
+        full = self._decode(self.ids[self.surr:])
+        if len(full) > len(prefix) and (final or not full.endswith(REPLACEMENT)):
+            self.text += full[len(prefix):]
+            self.surr, self.read = self.read, len(self.ids)
+        self._check_stop()
+        return self.text
+
+    def _check_stop(self) -> None:
+        for s in self.stop:
+            at = self.text.find(s)
+            if at != -1:
+                self.matched_stop = s
+                self.text = self.text[: at + len(s)] if self.no_stop_trim else self.text[:at]
+                return
+
+    def visible_text(self) -> str:
+        """Text safe to stream: a suffix that could start a stop string is not shown yet."""
+        if not self.stop or self.matched_stop is not None:
+            return self.text
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return self.text[: len(self.text) - hold] if hold else self.text

@@ -1,0 +1,114 @@
+"""The engine process: load the model runner, then loop receive -> schedule -> forward -> send.
+
+Started by launch.py with multiprocessing's spawn context. It reports `EngineReady` once the pools
+exist, sends a Heartbeat about once a second, exits when its parent dies, and a watchdog thread
+dumps every thread's stack and kills the process if one step outlives --watchdog-timeout.
+`NL_TEST_RUNNER=module:Factory` swaps in a fake runner for tests of the serving layers.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+
+HEARTBEAT_INTERVAL = 1.0
+
+
+def configure_logging(level: str, prefix: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format=f"[%(asctime)s{prefix}] %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        force=True)
+
+
+def _make_runner(server_args):
+    factory = os.environ.get("NL_TEST_RUNNER")
+    if factory:
+        module, _, attr = factory.partition(":")
+        return getattr(importlib.import_module(module), attr)(server_args)
+    from nlcli.engine.model_runner import ModelRunner
+
+    return ModelRunner(server_args)
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self, timeout: float):
+        super().__init__(daemon=True, name="nl-watchdog")
+        self.timeout = timeout
+        self.step_started: float | None = None
+
+    def run(self) -> None:
+        while True:
+            time.sleep(min(self.timeout / 4, 5.0))
+            started = self.step_started
+            if started is not None and time.monotonic() - started > self.timeout:
+                logging.getLogger("nlcli.scheduler").error(
+                    "Watchdog timeout (self.watchdog_timeout=%s)", self.timeout)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                os._exit(1)
+
+
+def run_engine(server_args, in_addr: str, out_addr: str) -> None:
+    import zmq
+
+    from nlcli.engine.io_struct import EngineReady, ShutdownReq
+    from nlcli.engine.scheduler import Scheduler
+
+    configure_logging(server_args.log_level, " TP0")
+    log = logging.getLogger("nlcli.engine")
+    parent = os.getppid()
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.bind(in_addr)
+    send = ctx.socket(zmq.PUSH)
+    send.bind(out_addr)
+    try:
+        runner = _make_runner(server_args)
+        if hasattr(runner, "warmup"):
+            runner.warmup()
+        sched = Scheduler(server_args, runner, send.send_pyobj)
+    except Exception:
+        log.exception("Engine failed to start")
+        sys.exit(1)
+    cfg = runner.model_config
+    log.info("max_total_num_tokens=%d, max_prefill_tokens=%d, max_running_requests=%d, context_len=%d",
+             runner.max_total_num_tokens, server_args.max_prefill_tokens,
+             sched.max_running_requests, cfg.context_len)
+    send.send_pyobj(EngineReady(
+        max_total_num_tokens=int(runner.max_total_num_tokens),
+        max_prefill_tokens=server_args.max_prefill_tokens,
+        max_running_requests=sched.max_running_requests, context_len=int(cfg.context_len),
+        device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""),
+        is_generation=bool(getattr(cfg, "is_generation", True)),
+        vocab_size=int(cfg.vocab_size), eos_token_ids=list(cfg.eos_token_ids or [])))
+    watchdog = _Watchdog(server_args.watchdog_timeout)
+    watchdog.start()
+    poller = zmq.Poller()
+    poller.register(recv, zmq.POLLIN)
+    last_beat = 0.0
+    while True:
+        timeout = 0 if sched.has_work else int(HEARTBEAT_INTERVAL * 1000)
+        if poller.poll(timeout):
+            while True:
+                try:
+                    msg = recv.recv_pyobj(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if isinstance(msg, ShutdownReq):
+                    log.info("Engine shutting down")
+                    return
+                sched.handle(msg)
+        watchdog.step_started = time.monotonic()
+        sched.step()
+        watchdog.step_started = None
+        now = time.monotonic()
+        if now - last_beat >= HEARTBEAT_INTERVAL:
+            last_beat = now
+            send.send_pyobj(sched.heartbeat())
+            if os.getppid() != parent:
+                log.error("API process is gone; engine exiting")
+                return

@@ -1,0 +1,252 @@
+"""The FastAPI app: native SGLang routes and the pure-ASGI middleware in front of them.
+
+Middleware is plain ASGI (never BaseHTTPMiddleware, which hides `http.disconnect` and so breaks
+abort-on-disconnect): API key, request-body size cap, CORS. The OpenAI /v1 routes are added by
+openai_api.py when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from nlcli import __version__
+from nlcli.engine.tokenizer_manager import EngineDeadError, TokenizerManager, parse_generate
+
+logger = logging.getLogger("nlcli.http")
+
+FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there are running "
+              "or waiting requests, the operation will not be performed.)\n")
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), status_code=status,
+                    media_type="application/json")
+
+
+def _error(message: str, status: int = 400) -> Response:
+    return _json({"error": {"message": message}}, status)
+
+
+# ---- pure-ASGI middleware --------------------------------------------------------------------
+class ApiKeyMiddleware:
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        if not secrets.compare_digest(token, self.key):
+            body = b'{"error":"Unauthorized"}'
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = orjson.dumps({"error": {"message": f"Request body is larger than {self.limit} bytes."}})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ---- the app ---------------------------------------------------------------------------------
+def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
+    app = FastAPI(title="nl", version=__version__)
+    app.state.tm = tm
+
+    async def read_json(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return orjson.loads(raw or b"null")
+        except orjson.JSONDecodeError as e:
+            raise ValueError(f"Malformed JSON body: {e}") from None
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request):
+        try:
+            items, is_batch, stream = parse_generate(await read_json(request))
+            states = tm.submit(items, stream)
+        except ValueError as e:
+            return _error(str(e))
+        except EngineDeadError as e:
+            return _error(str(e), 503)
+        if stream:
+            return StreamingResponse(_stream(tm, states, is_batch), media_type="text/event-stream")
+        return await _wait_all(tm, states, is_batch, request)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if tm.is_healthy() else 503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        return Response(status_code=200 if await tm.health_generate() else 503)
+
+    @app.get("/get_model_info")
+    async def get_model_info():
+        return _json(model_info)
+
+    @app.get("/get_server_args")
+    async def get_server_args():
+        return _json(dataclasses.asdict(args))
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def get_server_info():
+        info = dataclasses.asdict(args)
+        info.update(status="ready", max_total_num_tokens=tm.pool_size, version=__version__)
+        return _json(info)
+
+    @app.api_route("/get_memory_pool_size", methods=["GET", "POST"])
+    async def get_memory_pool_size():
+        return _json(tm.pool_size)
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        try:
+            ok = await tm.flush_cache()
+        except (EngineDeadError, asyncio.TimeoutError):
+            return Response(status_code=503)
+        # Upstream later answers a refused flush with 400; the body text stays the same.
+        return Response(FLUSH_TEXT, status_code=200 if ok else 400, media_type="text/plain")
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValueError("The request body must be a JSON object.")
+            if body.get("abort_all") is True:
+                tm.abort_all()
+            elif isinstance(body.get("rid"), str):
+                tm.request_abort(body["rid"])
+            else:
+                raise ValueError("rid must be a string (or set abort_all to true).")
+        except ValueError as e:
+            return _error(str(e))
+        return Response(status_code=200)
+
+    wrapped: Any = app
+    wrapped = BodyLimitMiddleware(wrapped, args.max_request_bytes)
+    if args.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware  # pure ASGI
+
+        origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
+        wrapped = CORSMiddleware(wrapped, allow_origins=origins, allow_methods=["*"],
+                                 allow_headers=["*"], allow_credentials="*" not in origins)
+    if args.api_key:
+        wrapped = ApiKeyMiddleware(wrapped, args.api_key)
+    return wrapped
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _wait_all(tm: TokenizerManager, states, is_batch: bool, request: Request) -> Response:
+    async def finals():
+        return [await _last(tm, st) for st in states]
+
+    work = asyncio.create_task(finals())
+    gone = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        tm.abort([st.rid for st in states], "Client disconnected")
+        logger.info("Client disconnected; aborted %d request(s)", len(states))
+        return Response(status_code=499)
+    try:
+        outs = work.result()
+    except EngineDeadError as e:
+        return _error(str(e), 503)
+    return _json(outs if is_batch else outs[0])
+
+
+async def _last(tm: TokenizerManager, st) -> dict:
+    out = None
+    async for out in tm.outputs(st):
+        pass
+    return out
+
+
+async def _stream(tm: TokenizerManager, states, is_batch: bool):
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, st):
+        try:
+            async for out in tm.outputs(st):
+                if is_batch:
+                    out = {**out, "index": index}
+                await queue.put(out)
+        except EngineDeadError as e:
+            await queue.put({"error": {"message": str(e)}})
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(states)]
+    done = 0
+    try:
+        while done < len(states):
+            out = await queue.get()
+            if out is None:
+                done += 1
+                continue
+            yield b"data: " + orjson.dumps(out) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        # A client that went away leaves its requests unfinished: free them now.
+        tm.abort([st.rid for st in states if not st.finished], "Client disconnected")

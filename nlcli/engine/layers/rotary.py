@@ -1,0 +1,82 @@
+"""Rotary position embeddings (rotate-half layout, as in HF Llama/Mistral/Qwen checkpoints).
+
+A cos/sin table over all positions is built once in float32; each forward gathers rows by the
+batch's absolute positions, so prefix-cached extends and decodes need no per-request state.
+Supports rope types default, linear and llama3, read from `rope_parameters` (transformers 5) or
+`rope_theta` + `rope_scaling` (older configs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config: Any) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling and not params.get("rope_type"):
+        params.update(scaling)
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = rope_type
+    return params
+
+
+def _inv_freq(dim: int, params: dict) -> torch.Tensor:
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"])
+    if rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_position: int, params: dict, rotary_dim: Optional[int] = None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        inv_freq = _inv_freq(self.rotary_dim, params)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, H, D], k: [T, Hkv, D] -> rotated copies, same dtypes."""
+        cos = self.cos_cache[positions].unsqueeze(1)
+        sin = self.sin_cache[positions].unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        r = self.rotary_dim
+        x_rot = x[..., :r]
+        half = r // 2
+        x1, x2 = x_rot[..., :half], x_rot[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if r < x.shape[-1]:
+            out = torch.cat((out, x[..., r:]), dim=-1)
+        return out
+
+
+def get_rope(config: Any, head_dim: int, max_position: int) -> RotaryEmbedding:
+    params = rope_parameters(config)
+    partial = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    return RotaryEmbedding(head_dim, max_position, params, int(head_dim * partial))

@@ -1,0 +1,241 @@
+"""BERT-family encoders (BertModel, RobertaModel, XLMRobertaModel) for embedding servers.
+
+The batch is packed like an extend batch: every sequence's tokens back to back, with per-sequence
+lengths. Attention is bidirectional within a sequence and never crosses sequences; there is no KV
+cache, since an encoder reads each input once. The model ends in a `Pooler` configured from the
+checkpoint's sentence-transformers files (see `nlcli.engine.embedding_config`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlcli.engine.embedding_config import EmbeddingConfig, embedding_config_for
+from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, Pooler
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def encoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int]
+) -> torch.Tensor:
+    """Bidirectional attention per sequence over packed `[num_tokens, heads, head_dim]` tensors.
+
+    Sequences are scattered into a padded `[bs, heads, max_len, head_dim]` block so one fused SDPA
+    call serves the batch; padded keys are masked out, padded query rows are discarded.
+    """
+    if len(lengths) == 1:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        )
+        return out[0].transpose(0, 1)
+    bs, max_len = len(lengths), max(lengths)
+    lens = torch.tensor(list(lengths), device=q.device)
+    valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [bs, max_len]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(bs, max_len, *x.shape[1:])
+        out[valid] = x  # row-major order of `valid` is exactly the packed order
+        return out.transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        padded(q), padded(k), padded(v), attn_mask=valid[:, None, None, :]
+    )
+    return out.transpose(1, 2)[valid]
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config, position_offset: int = 0):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # RoBERTa numbers positions from padding_idx + 1.
+        self.position_offset = position_offset
+
+    def forward(self, input_ids, positions, token_type_ids):
+        x = self.word_embeddings(input_ids)
+        x = x + self.position_embeddings(positions + self.position_offset)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.qkv_proj = nn.Linear(hidden, 3 * hidden)  # fused query/key/value: one matmul
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(hidden, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, hidden)
+        self.out_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        attn = encoder_attention(q, k, v, lengths).reshape(x.shape)
+        x = self.attn_norm(x + self.attn_out(attn))
+        return self.out_norm(x + self.output(self.act(self.intermediate(x))))
+
+
+# HF parameter names inside one encoder layer -> (our parameter, qkv shard index or None).
+_LAYER_NAMES = {
+    "attention.self.query": ("qkv_proj", 0),
+    "attention.self.key": ("qkv_proj", 1),
+    "attention.self.value": ("qkv_proj", 2),
+    "attention.output.dense": ("attn_out", None),
+    "attention.output.LayerNorm": ("attn_norm", None),
+    "intermediate.dense": ("intermediate", None),
+    "output.dense": ("output", None),
+    "output.LayerNorm": ("out_norm", None),
+}
+# Checkpoint parts an embedding server does not use (MLM / NSP heads, the tanh pooler, buffers).
+_SKIPPED = ("pooler.", "cls.", "lm_head.", "classifier.")
+
+
+class BertModel(nn.Module):
+    """Encoder + pooler. `forward` returns one pooled embedding per sequence."""
+
+    default_pooling = "cls"  # SGLang's default when no sentence-transformers files say otherwise
+    weight_prefixes = ("bert.",)
+
+    def __init__(self, config, embedding_config: Optional[EmbeddingConfig] = None):
+        super().__init__()
+        self.config = config
+        self.embedding_config = embedding_config or embedding_config_for(config, self.default_pooling)
+        self.embeddings = BertEmbeddings(config, self._position_offset(config))
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = Pooler(self.embedding_config.pooling, self.embedding_config.normalize)
+
+    @staticmethod
+    def _position_offset(config) -> int:
+        return 0
+
+    def max_positions(self) -> int:
+        """Longest input the position table allows."""
+        return self.config.max_position_embeddings - self.embeddings.position_offset
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: Sequence[int],
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Packed token states `[num_tokens, hidden]` (the HF `last_hidden_state`, unpadded)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, positions, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, lengths)
+        return x
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> EmbeddingPoolerOutput:
+        if any(forward_batch.prefix_lens_cpu):
+            # Bidirectional states of a prefix change with what follows: nothing can be reused.
+            raise ValueError("encoder models cannot extend a cached prefix")
+        lengths = forward_batch.extend_lens_cpu
+        if token_type_ids is None:
+            token_type_ids = getattr(forward_batch, "token_type_ids", None)
+        return self.pooler(self.encode(input_ids, positions, lengths, token_type_ids), lengths)
+
+    def _strip(self, name: str) -> str:
+        for prefix in self.weight_prefixes:
+            if name.startswith(prefix):
+                return name[len(prefix):]
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors in; returns the names of the parameters fully loaded.
+
+        Unknown names and wrong shapes raise: an embedding checkpoint of another shape must not
+        load half-way silently. The caller compares the returned set with `named_parameters()`."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        hidden = self.config.hidden_size
+        for hf_name, tensor in weights:
+            name = self._strip(hf_name)
+            if name.startswith(_SKIPPED) or name.endswith("position_ids"):
+                continue
+            shard = None
+            if name.startswith("encoder.layer."):
+                _, _, idx, rest = name.split(".", 3)
+                module, _, kind = rest.rpartition(".")
+                if module not in _LAYER_NAMES:
+                    raise KeyError(f"unexpected weight {hf_name!r}")
+                ours, shard = _LAYER_NAMES[module]
+                name = f"layers.{idx}.{ours}.{_norm_kind(kind)}"
+            else:
+                module, _, kind = name.rpartition(".")
+                name = f"{module}.{_norm_kind(kind)}"
+            if name not in params:
+                raise KeyError(f"unexpected weight {hf_name!r}")
+            target = params[name].data
+            if shard is not None:
+                target = target[shard * hidden : (shard + 1) * hidden]
+            _check_shape(target, tensor, hf_name)
+            target.copy_(tensor)
+            loaded.add(name if shard is None else f"{name}#{shard}")
+        # A fused qkv parameter counts as loaded once all three of its shards are.
+        done = {n for n in loaded if "#" not in n}
+        done |= {n for n in params if all(f"{n}#{s}" in loaded for s in range(3))}
+        return done
+
+
+def _check_shape(target: torch.Tensor, tensor: torch.Tensor, hf_name: str) -> None:
+    if target.shape == tensor.shape:
+        return
+    # A meta-device copy raises torch's own size-mismatch message (the one /update_weights
+    # reports) without touching memory; shapes that merely broadcast are refused as well.
+    torch.empty(target.shape, device="meta").copy_(tensor.to("meta"))
+    raise RuntimeError(
+        f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+    )
+
+
+def _norm_kind(kind: str) -> str:
+    # Very old BERT checkpoints name LayerNorm parameters gamma/beta.
+    return {"gamma": "weight", "beta": "bias"}.get(kind, kind)
+
+
+class RobertaModel(BertModel):
+    """RoBERTa / XLM-R: BERT with positions offset by padding_idx + 1 (e5, bge-m3)."""
+
+    weight_prefixes = ("roberta.",)
+
+    @staticmethod
+    def _position_offset(config) -> int:
+        return config.pad_token_id + 1
+
+
+class XLMRobertaModel(RobertaModel):
+    pass
+
+
+EntryClass = [BertModel, RobertaModel, XLMRobertaModel]

@@ -1,0 +1,103 @@
+"""Req: one generation request as the scheduler tracks it, and its finish checks.
+
+A request's tokens are `origin_input_ids + output_ids`. `fill_ids` is the part scheduled into the
+KV cache so far (the whole sequence, or a prefix of it while chunked prefill is under way);
+`kv_len` counts tokens whose K/V are written. `prefix_indices`/`last_node` are the radix-cache match
+this request holds locked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Optional
+
+import torch
+
+_arrival = itertools.count()
+
+
+class Req:
+    def __init__(self, rid: str, input_ids: list[int], sampling_params: Any, stream: bool = False,
+                 return_all_logits: bool = False):
+        self.rid = rid
+        self.origin_input_ids = list(input_ids)
+        self.sampling_params = sampling_params
+        self.stream = stream
+        self.return_all_logits = return_all_logits
+        self.arrival = next(_arrival)
+        self.created = time.monotonic()
+        self.output_ids: list[int] = []
+        self.finished_reason: Optional[dict] = None
+        # memory held
+        self.req_pool_idx: Optional[int] = None
+        self.prefix_indices: torch.Tensor = torch.empty((0,), dtype=torch.int64)
+        self.last_node = None
+        self.fill_ids: list[int] = []
+        self.kv_len = 0
+        # accounting
+        self.cached_tokens: Optional[int] = None  # prefix reused at first admission
+        self.num_sent = 0  # output ids already handed to the API process
+        self.to_abort: Optional[str] = None
+        self.num_retractions = 0
+
+    # ---- sizes ---------------------------------------------------------------------------
+    @property
+    def all_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.prefix_indices.shape[0])
+
+    @property
+    def extend_len(self) -> int:
+        return len(self.fill_ids) - self.prefix_len
+
+    @property
+    def is_chunked(self) -> bool:
+        """True while the scheduled fill does not yet cover the whole sequence."""
+        return len(self.fill_ids) < len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def max_new_tokens(self) -> Optional[int]:
+        return getattr(self.sampling_params, "max_new_tokens", 128)
+
+    def remaining_new_tokens(self, context_len: int) -> int:
+        room = context_len - len(self.origin_input_ids) - len(self.output_ids)
+        cap = self.max_new_tokens
+        left = room if cap is None else min(cap - len(self.output_ids), room)
+        return max(left, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    # ---- finish checks -------------------------------------------------------------------
+    def check_finished(self, eos_token_ids: set[int], context_len: int) -> None:
+        """Set finished_reason after a token was appended (length before EOS, as upstream)."""
+        if self.finished_reason is not None:
+            return
+        sp = self.sampling_params
+        cap = self.max_new_tokens
+        n_out = len(self.output_ids)
+        if cap is not None and n_out >= cap:
+            self.finished_reason = {"type": "length", "length": cap}
+            return
+        if len(self.origin_input_ids) + n_out >= context_len:
+            self.finished_reason = {"type": "length", "length": n_out}
+            return
+        last = self.output_ids[-1]
+        if getattr(sp, "ignore_eos", False):
+            return
+        stop_ids = getattr(sp, "stop_token_ids", None) or ()
+        if last in eos_token_ids or last in stop_ids:
+            self.finished_reason = {"type": "stop", "matched": last}
+
+    def finish_abort(self, message: str) -> None:
+        if self.finished_reason is None:
+            self.finished_reason = {"type": "abort", "message": message}
+
+    def __repr__(self) -> str:
+        return (f"Req(rid={self.rid!r}, input={len(self.origin_input_ids)}, "
+                f"output={len(self.output_ids)}, kv_len={self.kv_len})")

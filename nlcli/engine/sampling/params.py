@@ -1,0 +1,258 @@
+"""SamplingParams: one request's `sampling_params`, normalized and validated.
+
+`SamplingParams.from_dict` is what the API process calls on the wire dict; every rejection is a
+`ValueError` whose text is the message the client gets back in a 400 (API_SPEC section 3). The
+object is a plain dataclass so it crosses the ZMQ pipe as a pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+# Caps that keep one request from monopolising a step or the detokenizer (stated in the README).
+MAX_N = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300
+MAX_SEED = 2**63 - 1
+# Below this a temperature means greedy (SGLang's threshold).
+GREEDY_EPS = 1e-6
+
+_ALIASES = {"sampling_seed": "seed", "no_eos_trim": "no_stop_trim"}
+_GRAMMAR_KINDS = ("regex", "json_schema", "ebnf")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: Optional[int] = 128  # None = until the context is full
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    regex: Optional[str] = None
+    json_schema: Optional[str] = None
+    ebnf: Optional[str] = None
+    custom_params: Optional[dict] = None
+    seed: Optional[int] = None
+    logit_bias: Optional[dict[int, float]] = None  # OpenAI's token id -> additive bias
+
+    def __post_init__(self) -> None:
+        self._verify()
+        # Greedy is top_k=1 at temperature 1, so the sampler has a single code path (SGLang's rewrite).
+        if self.temperature < GREEDY_EPS:
+            self.temperature = 1.0
+            self.top_k = 1
+
+    # ------------------------------------------------------------------ construction from the wire
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be an object, got {_show(d)}.")
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            name = _ALIASES.get(key, key)
+            if name not in known:
+                raise ValueError(f"Unknown sampling parameter: {key!r}")
+            if name in kwargs and kwargs[name] != value and value is not None:
+                raise ValueError(f"{key} conflicts with {name}; set only one.")
+            if value is None and name in kwargs:
+                continue
+            kwargs[name] = value
+        for name, value in list(kwargs.items()):
+            if value is None and name != "max_new_tokens":
+                del kwargs[name]  # an explicit null means the default
+        return cls(**{k: _coerce(k, v) for k, v in kwargs.items()})
+
+    # ------------------------------------------------------------------ derived views
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.top_k == 1
+
+    @property
+    def grammar(self) -> Optional[tuple[str, str]]:
+        """(kind, text) of the output constraint, or None."""
+        for kind in _GRAMMAR_KINDS:
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
+
+    def verify_token_ids(self, vocab_size: int) -> None:
+        """Reject token ids the model cannot produce (needs the vocab, so it runs after load)."""
+        for tid in self.stop_token_ids:
+            if tid >= vocab_size:
+                raise ValueError(
+                    f"stop_token_ids contains {tid}, which is out of the vocabulary "
+                    f"(size {vocab_size})."
+                )
+        for tid in self.logit_bias or {}:
+            if tid >= vocab_size:
+                raise ValueError(
+                    f"logit_bias contains token id {tid}, which is out of the vocabulary "
+                    f"(size {vocab_size})."
+                )
+
+    # ------------------------------------------------------------------ checks
+
+    def _verify(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
+        if self.min_new_tokens < 0:
+            raise ValueError(
+                f"min_new_tokens must be in (0, max_new_tokens], got {self.min_new_tokens}."
+            )
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in (0, max_new_tokens({self.max_new_tokens})], "
+                f"got {self.min_new_tokens}."
+            )
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        # 0 would divide positive logits by zero, so the open bound the message states is enforced.
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}."
+            )
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
+        for s in self.stop:
+            if not s:
+                raise ValueError("stop strings must be non-empty.")
+            if len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(
+                    f"stop strings must be at most {MAX_STOP_STRING_LEN} characters, got {len(s)}."
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, "
+                f"got {len(self.stop_token_ids)}."
+            )
+        for tid in self.stop_token_ids:
+            if tid < 0:
+                raise ValueError(f"stop_token_ids must be non-negative, got {tid}.")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}.")
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries.")
+            for tid, bias in self.logit_bias.items():
+                if tid < 0:
+                    raise ValueError(f"logit_bias token ids must be non-negative, got {tid}.")
+                if not -100.0 <= bias <= 100.0:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}.")
+        set_grammars = [k for k in _GRAMMAR_KINDS if getattr(self, k) is not None]
+        if len(set_grammars) > 1:
+            raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+        for kind in set_grammars:
+            if not getattr(self, kind).strip():
+                raise ValueError(f"{kind} must be a non-empty string.")
+
+
+# ---------------------------------------------------------------------- type coercion
+
+_INT = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
+_FLOAT = {
+    "temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+}
+_BOOL = {"ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"}
+_STR = {"regex", "ebnf"}
+
+
+def _show(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _as_int(name: str, v: Any) -> int:
+    # JSON has one number type; 5.0 is the integer 5, 5.5 and true are not.
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be an integer, got {_show(v)}.")
+    if isinstance(v, float):
+        if not math.isfinite(v) or v != int(v):
+            raise ValueError(f"{name} must be an integer, got {_show(v)}.")
+        v = int(v)
+    return v
+
+
+def _as_float(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number, got {_show(v)}.")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}.")
+    return v  # ints kept as given so messages echo the client's own value
+
+
+def _coerce(name: str, v: Any) -> Any:
+    if v is None:
+        return None  # only max_new_tokens keeps an explicit null (unlimited)
+    if name in _INT:
+        return _as_int(name, v)
+    if name in _FLOAT:
+        return _as_float(name, v)
+    if name in _BOOL:
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be a boolean, got {_show(v)}.")
+        return v
+    if name in _STR:
+        if not isinstance(v, str):
+            raise ValueError(f"{name} must be a string, got {_show(v)}.")
+        return v
+    if name == "json_schema":
+        if not isinstance(v, str):
+            raise ValueError("json_schema must be a JSON string, not an object.")
+        return v
+    if name == "stop":
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"stop must be a string or a list of strings, got {_show(v)}.")
+        return list(items)
+    if name == "stop_token_ids":
+        if not isinstance(v, list):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {_show(v)}.")
+        return [_as_int("stop_token_ids", t) for t in v]
+    if name == "custom_params":
+        if not isinstance(v, dict):
+            raise ValueError(f"custom_params must be an object, got {_show(v)}.")
+        return v
+    if name == "logit_bias":
+        if not isinstance(v, dict):
+            raise ValueError(f"logit_bias must be an object, got {_show(v)}.")
+        out: dict[int, float] = {}
+        for k, b in v.items():
+            try:
+                tid = int(k)  # JSON object keys arrive as strings
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias keys must be token ids, got {_show(k)}.") from None
+            out[tid] = float(_as_float("logit_bias", b))
+        return out
+    return v

@@ -1,0 +1,212 @@
+"""The batched sampler: one pass per step turns next-token logits into next ids for every request.
+
+`SamplingBatchInfo.from_reqs` gathers the running batch's per-request values into device tensors;
+`sample(logits)` then applies, in order: logit_bias, repetition penalty (prompt + output),
+frequency/presence penalties (output), the grammar bitmask, the min_new_tokens mask, temperature,
+and top-k / top-p / min-p, and draws by inverse CDF. The draw for a request with a seed uses a
+uniform number hashed from (seed, number of tokens generated so far), so its sample depends only on
+its own logits, never on the rest of the batch. Logprobs are of the raw logits (the model's
+distribution before bias, penalties, masks and temperature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from nlcli.engine.sampling.params import SamplingParams
+from nlcli.engine.sampling.penalties import (
+    apply_frequency_presence,
+    apply_repetition,
+    token_counts,
+)
+
+_MASK64 = (1 << 64) - 1
+
+
+class TokenMask(Protocol):
+    """What the sampler needs from a request's grammar matcher (see grammar.py)."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+
+def seeded_uniform(seed: int, step: int) -> float:
+    """A uniform in [0, 1) that depends only on (seed, step): splitmix64 of the pair."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return (x >> 11) * (1.0 / (1 << 53))
+
+
+@dataclass
+class SampleOutput:
+    next_token_ids: torch.Tensor  # [bs] int64
+    next_token_logprobs: torch.Tensor  # [bs] float32, raw log-softmax at the chosen ids
+    logprobs: Optional[torch.Tensor] = None  # [bs, vocab] raw log-softmax, when asked for
+
+
+@dataclass
+class SamplingBatchInfo:
+    vocab_size: int
+    device: torch.device
+    temperatures: torch.Tensor  # [bs, 1] float32
+    top_ps: torch.Tensor  # [bs] float32
+    top_ks: torch.Tensor  # [bs] int64, -1 already replaced by vocab_size
+    min_ps: torch.Tensor  # [bs] float32
+    all_greedy: bool
+    need_top_p: bool
+    need_min_p: bool
+    # Rows with a seed and the uniforms for them (host-computed; see seeded_uniform).
+    seeded_rows: Optional[torch.Tensor]
+    seeded_u: Optional[torch.Tensor]
+    # Penalties, only for the rows that have them.
+    rep_rows: Optional[torch.Tensor] = None
+    rep_seen: Optional[torch.Tensor] = None
+    rep_penalty: Optional[torch.Tensor] = None
+    freq_rows: Optional[torch.Tensor] = None
+    freq_counts: Optional[torch.Tensor] = None
+    freq_penalty: Optional[torch.Tensor] = None
+    pres_penalty: Optional[torch.Tensor] = None
+    # Additive logit_bias as a dense [rows, vocab] block.
+    bias_rows: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    # min_new_tokens: rows still below their minimum, and the ids they may not emit.
+    min_rows: Optional[torch.Tensor] = None
+    min_stop_mask: Optional[torch.Tensor] = None  # [rows, vocab] bool
+    grammars: Optional[list[Optional[TokenMask]]] = None
+
+    @classmethod
+    def from_reqs(
+        cls,
+        reqs: Sequence[tuple[SamplingParams, Sequence[int], Sequence[int]]],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        eos_token_ids: Sequence[int] = (),
+        grammars: Optional[Sequence[Optional[TokenMask]]] = None,
+    ) -> "SamplingBatchInfo":
+        """reqs: (params, output ids so far, prompt ids) for each request of the batch, in order."""
+        device = torch.device(device)
+        params = [r[0] for r in reqs]
+        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in params]
+        info = cls(
+            vocab_size=vocab_size,
+            device=device,
+            temperatures=f32([[p.temperature] for p in params]),
+            top_ps=f32([p.top_p for p in params]),
+            top_ks=i64(top_ks),
+            min_ps=f32([p.min_p for p in params]),
+            all_greedy=all(k == 1 for k in top_ks),
+            need_top_p=any(p.top_p < 1.0 for p in params),
+            need_min_p=any(p.min_p > 0.0 for p in params),
+            seeded_rows=None,
+            seeded_u=None,
+        )
+        seeded = [
+            (i, seeded_uniform(p.seed, len(out)))
+            for i, (p, out, _) in enumerate(reqs)
+            if p.seed is not None and top_ks[i] != 1
+        ]
+        if seeded:
+            info.seeded_rows = i64([i for i, _ in seeded])
+            info.seeded_u = torch.tensor([u for _, u in seeded], dtype=torch.float64, device=device)
+
+        rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if rep:
+            info.rep_rows = i64(rep)
+            seqs = [list(reqs[i][2]) + list(reqs[i][1]) for i in rep]
+            info.rep_seen = token_counts(seqs, vocab_size, device) > 0
+            info.rep_penalty = f32([params[i].repetition_penalty for i in rep])
+        freq = [
+            i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        ]
+        if freq:
+            info.freq_rows = i64(freq)
+            info.freq_counts = token_counts([reqs[i][1] for i in freq], vocab_size, device)
+            info.freq_penalty = f32([params[i].frequency_penalty for i in freq])
+            info.pres_penalty = f32([params[i].presence_penalty for i in freq])
+
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        if biased:
+            info.bias_rows = i64(biased)
+            info.bias = torch.zeros((len(biased), vocab_size), dtype=torch.float32, device=device)
+            for j, i in enumerate(biased):
+                ids = list(params[i].logit_bias)
+                info.bias[j, i64(ids)] = f32([params[i].logit_bias[t] for t in ids])
+
+        below = [i for i, (p, out, _) in enumerate(reqs) if len(out) < p.min_new_tokens]
+        if below:
+            info.min_rows = i64(below)
+            banned = [list(eos_token_ids) + list(params[i].stop_token_ids) for i in below]
+            info.min_stop_mask = token_counts(banned, vocab_size, device) > 0
+
+        if grammars is not None and any(g is not None for g in grammars):
+            info.grammars = list(grammars)
+        return info
+
+    # ------------------------------------------------------------------ the step
+
+    def sample(self, logits: torch.Tensor, return_logprobs: bool = False) -> SampleOutput:
+        """logits: [bs, vocab] (float32 preferred) at each request's next position."""
+        raw = logits.float()
+        logits = raw.clone()
+        if self.bias_rows is not None:
+            logits[self.bias_rows] += self.bias
+        if self.rep_rows is not None:
+            apply_repetition(logits, self.rep_rows, self.rep_seen, self.rep_penalty)
+        if self.freq_rows is not None:
+            apply_frequency_presence(
+                logits, self.freq_rows, self.freq_counts, self.freq_penalty, self.pres_penalty
+            )
+        self._apply_masks(logits)
+
+        if self.all_greedy:
+            next_ids = torch.argmax(logits, dim=-1)
+        else:
+            next_ids = self._draw(logits)
+
+        logprobs = torch.log_softmax(raw, dim=-1)
+        chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+        return SampleOutput(next_ids, chosen, logprobs if return_logprobs else None)
+
+    def _apply_masks(self, logits: torch.Tensor) -> None:
+        if self.grammars is not None:
+            from nlcli.engine.sampling.grammar import apply_grammar_masks
+
+            apply_grammar_masks(logits, self.grammars)
+        if self.min_rows is not None:
+            sub = logits[self.min_rows]
+            masked = sub.masked_fill(self.min_stop_mask, float("-inf"))
+            # A grammar that allows only EOS wins over min_new_tokens rather than leave no token.
+            dead = torch.isneginf(masked).all(dim=-1, keepdim=True)
+            logits[self.min_rows] = torch.where(dead, sub, masked)
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / self.temperatures, dim=-1)
+        # Stable so equal probabilities keep id order: the same row always sorts the same way.
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+        rank = torch.arange(self.vocab_size, device=logits.device)[None, :]
+        # Masked tokens (probability 0) are never drawn, even when u rounds up to the total.
+        keep = (rank < self.top_ks[:, None]) & (sorted_probs > 0)
+        if self.need_top_p:
+            # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            keep &= before < self.top_ps[:, None]
+        if self.need_min_p:
+            keep &= sorted_probs >= self.min_ps[:, None] * sorted_probs[:, :1]
+        keep[:, 0] = True  # the most likely token always survives the filters
+        kept = sorted_probs * keep
+        cdf = torch.cumsum(kept, dim=-1, dtype=torch.float64)
+
+        u = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device)
+        if self.seeded_rows is not None:
+            u[self.seeded_rows] = self.seeded_u
+        target = u * cdf[:, -1]
+        idx = torch.searchsorted(cdf, target[:, None], right=True)
+        # Filters cut a suffix of the sorted order, so the kept tokens are a prefix: stay inside it.
+        idx = torch.minimum(idx, keep.sum(dim=-1, keepdim=True) - 1)
+        return sorted_ids.gather(1, idx).squeeze(1)

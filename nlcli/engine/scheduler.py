@@ -1,0 +1,323 @@
+"""Scheduler: the engine process's loop body (queue, batches, finish checks, aborts, books).
+
+Each `step()` either runs a prefill ("extend") batch admitted by the schedule policy or a decode
+batch of every running request; new requests join between steps (continuous batching). When a
+decode step cannot get one slot per request, the newest requests are retracted to the front of the
+queue and later re-prefilled from prompt + output so far (greedy output is unchanged).
+
+`NL_TEST_RETRACT=1` forces a retraction of the newer half of the batch every third decode step, so
+tests exercise the resume path deterministically. `NL_TEST_STRICT_LEAK=1` turns the idle books
+check (free + evictable + protected == pool size) into an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Callable, Optional
+
+from nlcli.engine.forward_batch import ForwardMode
+from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, FlushCacheReq, FlushCacheReqOutput,
+                                    Heartbeat, TokenizedGenerateReqInput)
+from nlcli.engine.mem_cache.radix_cache import RadixCache
+from nlcli.engine.req import Req
+from nlcli.engine.schedule_batch import KVMemory, prepare_decode, prepare_extend, sample_next_ids
+from nlcli.engine.schedule_policy import PrefillAdder, order_waiting
+
+logger = logging.getLogger("nlcli.scheduler")
+
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class MemoryLeakError(RuntimeError):
+    pass
+
+
+class Scheduler:
+    def __init__(self, server_args, runner, send: Callable[[object], None]):
+        self.args = server_args
+        self.runner = runner
+        self.send = send
+        cfg = runner.model_config
+        self.context_len = int(cfg.context_len)
+        self.eos_ids = set(cfg.eos_token_ids or [])
+        self.vocab_size = int(cfg.vocab_size)
+        self.tree = RadixCache(runner.token_to_kv_pool_allocator, disable=server_args.disable_radix_cache)
+        self.mem = KVMemory(runner, self.tree)
+        rows = int(runner.req_to_token_pool.available_size())
+        self.max_running_requests = min(server_args.max_running_requests or rows, rows)
+        self.max_prefill_tokens = server_args.max_prefill_tokens
+        self.base_ratio = 0.7 * server_args.schedule_conservativeness
+        self.new_token_ratio = self.base_ratio
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked_req: Optional[Req] = None
+        self.reqs: dict[str, Req] = {}
+        self.force_retract = os.environ.get("NL_TEST_RETRACT") == "1"
+        self.strict_leak = os.environ.get("NL_TEST_STRICT_LEAK") == "1"
+        # stats
+        self.decode_steps = 0
+        self.total_cached = 0
+        self.total_prefill = 0
+        self.num_retractions = 0
+        self.gen_tokens_since_log = 0
+        self.last_decode_log = time.monotonic()
+        self.last_throughput = 0.0
+        self.books_checked = True
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, TokenizedGenerateReqInput):
+            self._add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self._abort(msg)
+        elif isinstance(msg, FlushCacheReq):
+            self.send(FlushCacheReqOutput(success=self.flush_cache()))
+        else:
+            logger.warning("scheduler: unknown message %r", type(msg).__name__)
+
+    def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
+        req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream)
+        if len(req.origin_input_ids) >= min(self.context_len, self.mem.size):
+            # The API process rejects these with a 400; this guards direct callers.
+            req.finish_abort(f"The input ({len(req.origin_input_ids)} tokens) does not fit the "
+                             f"KV cache pool ({self.mem.size} tokens) or context ({self.context_len}).")
+            self._emit([req])
+            return
+        self.reqs[req.rid] = req
+        self.waiting.append(req)
+        self.books_checked = False
+
+    def _abort(self, msg: AbortReq) -> None:
+        targets = list(self.reqs.values()) if msg.abort_all else (
+            [self.reqs[msg.rid]] if msg.rid in self.reqs else [])
+        for req in targets:
+            if req in self.waiting:
+                logger.info("Abort queued request. req.rid=%s", req.rid)
+                self.waiting.remove(req)
+                self.mem.release(req)  # a retracted request may still hold nothing; harmless
+                req.finish_abort("Abort in waiting queue")
+                self._finish([req])
+            else:
+                logger.info("Abort running request. req.rid=%s", req.rid)
+                req.to_abort = msg.message
+
+    # ---- the step --------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req)
+
+    def step(self) -> bool:
+        """Run one batch if there is work; returns whether anything ran."""
+        self._reap_aborted()
+        if not self.has_work:
+            if not self.books_checked:
+                self.check_books()
+            return False
+        if self._run_prefill():
+            return True
+        if self.running:
+            self._run_decode()
+            return True
+        return False
+
+    def _reap_aborted(self) -> None:
+        gone = [r for r in self.running if r.to_abort]
+        if self.chunked_req is not None and self.chunked_req.to_abort:
+            gone.append(self.chunked_req)
+            self.chunked_req = None
+        if gone:
+            self.running = [r for r in self.running if not r.to_abort]
+            for r in gone:
+                r.finish_abort(r.to_abort)
+            self._finish(gone)
+
+    def _run_prefill(self) -> bool:
+        if not self.waiting and self.chunked_req is None:
+            return False
+        adder = PrefillAdder(
+            self.mem, self.running + ([self.chunked_req] if self.chunked_req else []),
+            max_prefill_tokens=self.max_prefill_tokens,
+            chunked_prefill_size=self.args.chunked_prefill_size,
+            max_running_requests=self.max_running_requests,
+            new_token_ratio=self.new_token_ratio, context_len=self.context_len)
+        continuing = self.chunked_req
+        if continuing is not None:
+            adder.add_chunked(continuing)
+            if continuing not in adder.admitted:
+                return False  # it keeps its place; running requests decode and free memory
+        if adder.chunked is None:
+            for req in order_waiting(list(self.waiting), self.args.schedule_policy, self.mem):
+                if not adder.add(req):
+                    break
+        if not adder.admitted:
+            return False
+        batch_reqs = adder.admitted
+        new = [r for r in batch_reqs if r is not continuing]
+        for r in new:
+            self.waiting.remove(r)
+        self.chunked_req = adder.chunked
+        fb = prepare_extend(self.mem, batch_reqs)
+        cached = sum(r.prefix_len for r in new)
+        self.total_cached += cached
+        self.total_prefill += fb.num_tokens + cached
+        out = self.runner.forward(fb)
+        done = [r for r in batch_reqs if not r.is_chunked]
+        for r in batch_reqs:
+            if r.is_chunked:
+                self.mem.cache_chunk(r)
+        if done:
+            idx = [batch_reqs.index(r) for r in done]
+            logits = out.next_token_logits[idx]
+            self._append_tokens(done, logits)
+        self._log_prefill(len(batch_reqs), fb.num_tokens, cached)
+        return True
+
+    def _append_tokens(self, reqs: list[Req], logits) -> None:
+        live = [r for r in reqs if r.max_new_tokens != 0]
+        for r in reqs:
+            if r.max_new_tokens == 0:
+                r.finished_reason = {"type": "length", "length": 0}
+        next_ids = (sample_next_ids(logits[[reqs.index(r) for r in live]], live, self.vocab_size,
+                                    self.eos_ids) if live else [])
+        for r, tok in zip(live, next_ids):
+            r.output_ids.append(tok)
+            r.check_finished(self.eos_ids, self.context_len)
+        self.gen_tokens_since_log += len(live)
+        finished = [r for r in reqs if r.finished]
+        keep = [r for r in reqs if not r.finished]
+        running_ids = {id(r) for r in self.running}
+        self.running.extend(r for r in keep if id(r) not in running_ids)
+        self.running = [r for r in self.running if not r.finished]
+        self._emit(keep)
+        self._finish(finished)
+
+    def _run_decode(self) -> None:
+        self.decode_steps += 1
+        self._maybe_retract()
+        if not self.running:
+            return
+        batch = list(self.running)
+        fb = prepare_decode(self.mem, batch)
+        out = self.runner.forward(fb)
+        self._append_tokens(batch, out.next_token_logits)
+        self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY,
+                                   MIN_NEW_TOKEN_RATIO * self.args.schedule_conservativeness)
+        if self.decode_steps % max(self.args.decode_log_interval, 1) == 0:
+            self._log_decode()
+
+    # ---- retraction ------------------------------------------------------------------------
+    def _maybe_retract(self) -> None:
+        forced = self.force_retract and len(self.running) > 1 and self.decode_steps % 3 == 0
+        if forced:
+            victims = sorted(self.running, key=lambda r: r.arrival)[len(self.running) // 2:]
+            self._retract(victims)
+        while len(self.running) > 1 and self.mem.available() < len(self.running):
+            self._retract([max(self.running, key=lambda r: r.arrival)])
+        if self.running and self.mem.available() < len(self.running):
+            lone = self.running[0]
+            lone.finish_abort(f"The KV cache pool ({self.mem.size} tokens) is full; "
+                              f"the request cannot grow past {lone.kv_len} tokens.")
+            self.running = []
+            self._finish([lone])
+
+    def _retract(self, victims: list[Req]) -> None:
+        for r in sorted(victims, key=lambda r: r.arrival, reverse=True):
+            self.running.remove(r)
+            self.mem.release(r)
+            r.num_retractions += 1
+            self.waiting.appendleft(r)
+        self.num_retractions += len(victims)
+        self.new_token_ratio = min(1.0, self.base_ratio + 0.3)
+        logger.info("Retract requests. #retracted: %d, #running-req: %d, #queue-req: %d",
+                    len(victims), len(self.running), len(self.waiting))
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def _emit(self, reqs: list[Req]) -> None:
+        interval = max(self.args.stream_interval, 1)
+        ready = [r for r in reqs if r.finished or (
+            r.stream and (r.num_sent == 0 or len(r.output_ids) - r.num_sent >= interval))]
+        if not ready:
+            return
+        out = BatchTokenIDOut([], [], [], [], [], [])
+        for r in ready:
+            out.rids.append(r.rid)
+            out.new_token_ids.append(r.output_ids[r.num_sent:])
+            out.finished_reasons.append(r.finished_reason)
+            out.prompt_tokens.append(len(r.origin_input_ids))
+            out.completion_tokens.append(len(r.output_ids))
+            out.cached_tokens.append(r.cached_tokens or 0)
+            r.num_sent = len(r.output_ids)
+        self.send(out)
+
+    def _finish(self, reqs: list[Req]) -> None:
+        for r in reqs:
+            self.mem.release(r)
+            self.reqs.pop(r.rid, None)
+        self._emit(reqs)
+
+    # ---- cache and books -------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        if self.has_work:
+            logger.warning("Cache not flushed because there are pending requests. #queue-req: %d, "
+                           "#running-req: %d", len(self.waiting) + bool(self.chunked_req),
+                           len(self.running))
+            return False
+        self.tree.evict_all()
+        self.tree.reset()
+        self.total_cached = self.total_prefill = 0
+        self.check_books()
+        logger.info("Cache flushed successfully!")
+        return True
+
+    def check_books(self) -> None:
+        self.books_checked = True
+        alloc = self.mem.allocator
+        free, size = int(alloc.available_size()), int(alloc.size)
+        evictable, protected = self.tree.evictable_size(), self.tree.protected_size()
+        rows_free = int(self.mem.req_to_token_pool.available_size())
+        ok = free + evictable + protected == size and protected == 0
+        ok = ok and rows_free == self._rows_total()
+        if not ok:
+            msg = (f"token_to_kv_pool_allocator memory leak detected! total={size}, available={free}, "
+                   f"evictable={evictable}, protected={protected}, free rows={rows_free}")
+            logger.error(msg)
+            if self.strict_leak:
+                raise MemoryLeakError(msg)
+
+    def _rows_total(self) -> int:
+        pool = self.mem.req_to_token_pool
+        return int(getattr(pool, "size", pool.req_to_token.shape[0]))
+
+    # ---- logs and gauges -------------------------------------------------------------------
+    def _usage(self) -> float:
+        return self.mem.used() / max(self.mem.size, 1)
+
+    def _hit_rate(self) -> float:
+        return 100.0 * self.total_cached / self.total_prefill if self.total_prefill else 0.0
+
+    def _log_prefill(self, n: int, new_tokens: int, cached: int) -> None:
+        logger.info(
+            "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, cache hit rate: %.2f%%, "
+            "token usage: %.2f, #running-req: %d, #queue-req: %d", n, new_tokens, cached,
+            self._hit_rate(), self._usage(), len(self.running),
+            len(self.waiting) + bool(self.chunked_req))
+
+    def _log_decode(self) -> None:
+        now = time.monotonic()
+        self.last_throughput = self.gen_tokens_since_log / max(now - self.last_decode_log, 1e-6)
+        self.gen_tokens_since_log, self.last_decode_log = 0, now
+        logger.info(
+            "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
+            "gen throughput (token/s): %.2f, #queue-req: %d", len(self.running), self.mem.used(),
+            self._usage(), self.last_throughput, len(self.waiting))
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(num_running_reqs=len(self.running),
+                         num_queue_reqs=len(self.waiting) + bool(self.chunked_req),
+                         num_used_tokens=self.mem.used(), token_usage=self._usage(),
+                         cache_hit_rate=self._hit_rate() / 100.0,
+                         gen_throughput=self.last_throughput, num_retractions=self.num_retractions)

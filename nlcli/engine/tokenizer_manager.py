@@ -1,0 +1,338 @@
+"""TokenizerManager: the API process's side of generation.
+
+Turns a native /generate body into engine requests (validation, tokenization, batch and n>1
+expansion, length checks), sends them over ZMQ, turns the engine's token deltas into cumulative
+text and meta_info, and aborts what clients abandon. It also watches the engine: heartbeats, and
+process death (every pending request then fails at once with EngineDeadError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
+
+import zmq
+import zmq.asyncio
+
+from nlcli.engine.detokenizer import IncrementalDetokenizer
+from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
+                                    FlushCacheReqOutput, Heartbeat, TokenizedGenerateReqInput)
+from nlcli.engine.sampling.params import SamplingParams
+
+logger = logging.getLogger("nlcli.tokenizer_manager")
+
+HEALTH_CHECK_TIMEOUT = 20.0
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class GenItem:
+    text: Optional[str]
+    input_ids: Optional[list[int]]
+    sampling: dict
+    rid: str
+
+
+class ReqState:
+    def __init__(self, rid: str, prompt_len: int, detok: IncrementalDetokenizer, stream: bool):
+        self.rid = rid
+        self.prompt_len = prompt_len
+        self.detok = detok
+        self.stream = stream
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self.created = time.perf_counter()
+        self.first_token_time: Optional[float] = None
+
+
+def _is_int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
+    """Normalize a /generate body into (items, is_batch, stream); ValueError names the field."""
+    if not isinstance(body, dict):
+        raise ValueError("The request body must be a JSON object.")
+    text, ids = body.get("text"), body.get("input_ids")
+    if body.get("input_embeds") is not None:
+        raise ValueError("input_embeds is not supported by this server.")
+    if text is None and ids is None:
+        raise ValueError("Either text, input_ids or input_embeds should be provided.")
+    if text is not None:
+        if isinstance(text, str):
+            prompts, is_batch = [text], False
+        elif isinstance(text, list) and all(isinstance(t, str) for t in text):
+            prompts, is_batch = list(text), True
+        else:
+            raise ValueError("text must be a string or a list of strings.")
+        if is_batch and not prompts:
+            raise ValueError("text must not be an empty list.")
+    if ids is not None:
+        if _is_int_list(ids) and ids:
+            id_prompts = [ids]
+        elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
+            id_prompts = list(ids)
+        else:
+            raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
+        if any(not x for x in id_prompts):
+            raise ValueError("input_ids must not be empty.")
+        if text is None:
+            is_batch = not _is_int_list(ids)
+        prompts = [None] * len(id_prompts)
+    else:
+        id_prompts = [None] * len(prompts)
+    if text is not None and ids is not None and len(prompts) != len(id_prompts):
+        raise ValueError("text and input_ids must have the same number of prompts.")
+    if any(p == "" for p in prompts if p is not None):
+        raise ValueError("text must not be empty.")
+
+    sp = body.get("sampling_params")
+    if isinstance(sp, list):
+        if len(sp) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sp)} entries but the batch has "
+                             f"{len(prompts)} prompts.")
+        sps = sp
+    elif sp is None or isinstance(sp, dict):
+        sps = [sp or {}] * len(prompts)
+    else:
+        raise ValueError("sampling_params must be an object or a list of objects.")
+    for one in sps:
+        if not isinstance(one, dict):
+            raise ValueError("sampling_params must be an object or a list of objects.")
+    ns = {one.get("n", 1) for one in sps}
+    if len(ns) > 1:
+        raise ValueError("sampling_params.n must be the same for every prompt of a batch.")
+    n = ns.pop()
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
+
+    rid = body.get("rid")
+    if is_batch or n > 1:
+        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
+            raise ValueError("rid must be a list of strings when the input is a batch.")
+        if rid is not None and len(rid) != len(prompts):
+            raise ValueError(f"rid has {len(rid)} entries but the batch has {len(prompts)} prompts.")
+        rids = rid or [None] * len(prompts)
+    else:
+        if rid is not None and not isinstance(rid, str):
+            raise ValueError("rid must be a string.")
+        rids = [rid]
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValueError("stream must be a boolean.")
+
+    items = []
+    for p, ip, one, r in zip(prompts, id_prompts, sps, rids):
+        for j in range(n):
+            sub = dict(one)
+            sub.pop("n", None)
+            base = r or uuid.uuid4().hex
+            items.append(GenItem(p, ip, sub, base if n == 1 else f"{base}-{j}"))
+    return items, is_batch or n > 1, stream
+
+
+class TokenizerManager:
+    def __init__(self, server_args, tokenizer, send_addr: str, recv_addr: str):
+        self.args = server_args
+        self.ready: Optional[EngineReady] = None
+        self.tokenizer = tokenizer
+        self.context_len = self.pool_size = 0
+        self.ctx = zmq.asyncio.Context()
+        self.send_sock = self.ctx.socket(zmq.PUSH)
+        self.send_sock.connect(send_addr)
+        self.recv_sock = self.ctx.socket(zmq.PULL)
+        self.recv_sock.connect(recv_addr)
+        self.states: dict[str, ReqState] = {}
+        self.last_heartbeat = time.monotonic()
+        self.gauges = Heartbeat()
+        self.dead: Optional[str] = None
+        self.draining = False
+        self.flush_lock = asyncio.Lock()
+        self.flush_future: Optional[asyncio.Future] = None
+        self.metrics = None  # set by http_server when --enable-metrics
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def wait_ready(self, engine_alive: Callable[[], bool], timeout: float) -> EngineReady:
+        """Wait for the engine's EngineReady; RuntimeError if it dies or times out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.recv_sock.poll(200):
+                msg = await self.recv_sock.recv_pyobj()
+                if isinstance(msg, EngineReady):
+                    self.ready = msg
+                    self.context_len = msg.context_len
+                    self.pool_size = msg.max_total_num_tokens
+                    self.last_heartbeat = time.monotonic()
+                    return msg
+            elif not engine_alive():
+                raise RuntimeError("The engine process exited during start-up (see the log above).")
+        raise RuntimeError(f"The engine did not become ready within {timeout:.0f} s.")
+
+    def start(self, engine_alive: Callable[[], bool], on_dead: Callable[[], None]) -> None:
+        self._tasks.append(asyncio.create_task(self._recv_loop()))
+        self._tasks.append(asyncio.create_task(self._watch(engine_alive, on_dead)))
+
+    async def _watch(self, engine_alive, on_dead) -> None:
+        while self.dead is None:
+            if not engine_alive():
+                self.mark_dead("The engine process exited unexpectedly.")
+                on_dead()
+                return
+            await asyncio.sleep(0.2)
+
+    def mark_dead(self, reason: str) -> None:
+        if self.dead is not None:
+            return
+        self.dead = reason
+        logger.error("%s Failing %d pending request(s).", reason, len(self.states))
+        for st in self.states.values():
+            st.queue.put_nowait(EngineDeadError(reason))
+        if self.flush_future and not self.flush_future.done():
+            self.flush_future.set_exception(EngineDeadError(reason))
+
+    def is_healthy(self) -> bool:
+        stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 10.0)
+        return self.dead is None and not self.draining and not stale
+
+    def _send(self, msg: object) -> None:
+        if self.dead is None:
+            self.send_sock.send_pyobj(msg)
+
+    # ---- engine outputs --------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = await self.recv_sock.recv_pyobj()
+            self.last_heartbeat = time.monotonic()
+            if isinstance(msg, BatchTokenIDOut):
+                self._on_tokens(msg)
+            elif isinstance(msg, Heartbeat):
+                self.gauges = msg
+                if self.metrics:
+                    self.metrics.on_heartbeat(msg)
+            elif isinstance(msg, FlushCacheReqOutput):
+                if self.flush_future and not self.flush_future.done():
+                    self.flush_future.set_result(msg.success)
+
+    def _on_tokens(self, msg: BatchTokenIDOut) -> None:
+        now = time.perf_counter()
+        for i, rid in enumerate(msg.rids):
+            st = self.states.get(rid)
+            if st is None or st.finished:
+                continue
+            finish = msg.finished_reasons[i]
+            st.detok.add(msg.new_token_ids[i], final=finish is not None)
+            if finish is None and st.detok.matched_stop is not None:
+                finish = {"type": "stop", "matched": st.detok.matched_stop}
+                self._send(AbortReq(rid=rid, message="stop string matched"))
+            if st.first_token_time is None and msg.completion_tokens[i]:
+                st.first_token_time = now
+            text = st.detok.text if finish is not None else st.detok.visible_text()
+            out = {"text": text, "meta_info": {
+                "id": rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i],
+                "completion_tokens": msg.completion_tokens[i], "cached_tokens": msg.cached_tokens[i],
+                "e2e_latency": now - st.created}}
+            if finish is not None:
+                st.finished = True
+                if self.metrics and not rid.startswith("HEALTH_CHECK"):
+                    self.metrics.on_finish(st, out["meta_info"])
+            if st.stream or finish is not None:
+                st.queue.put_nowait(out)
+
+    # ---- requests --------------------------------------------------------------------------
+    def _prepare(self, item: GenItem, stream: bool) -> tuple[TokenizedGenerateReqInput, ReqState]:
+        if item.input_ids is not None:
+            ids = item.input_ids
+            bad = [t for t in ids if t < 0 or (self.ready.vocab_size and t >= self.ready.vocab_size)]
+            if bad:
+                raise ValueError(f"input_ids contains {bad[0]}, which is out of the vocabulary "
+                                 f"(size {self.ready.vocab_size}).")
+        else:
+            ids = self.tokenizer.encode(item.text)
+        n = len(ids)
+        if n >= self.context_len:
+            raise ValueError(f"The input ({n} tokens) is longer than the model's context length "
+                             f"({self.context_len} tokens).")
+        if n >= self.pool_size:
+            raise ValueError(f"The input ({n} tokens) is longer than the KV cache pool "
+                             f"({self.pool_size} tokens).")
+        sp = SamplingParams.from_dict(item.sampling)
+        if self.ready.vocab_size:
+            sp.verify_token_ids(self.ready.vocab_size)
+        room = min(self.context_len, self.pool_size) - n - 1
+        if sp.max_new_tokens is None or sp.max_new_tokens > room:
+            sp.max_new_tokens = max(room, 0)
+        if item.rid in self.states:
+            raise ValueError(f"rid {item.rid!r} is already in use.")
+        detok = IncrementalDetokenizer(self.tokenizer, ids, sp.skip_special_tokens,
+                                       sp.spaces_between_special_tokens, sp.stop, sp.no_stop_trim)
+        return TokenizedGenerateReqInput(item.rid, list(ids), sp, stream), ReqState(item.rid, n, detok, stream)
+
+    def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
+        """Validate all items first (a bad one rejects the whole batch), then send them."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if self.draining:
+            raise EngineDeadError("The server is shutting down.")
+        prepared = [self._prepare(it, stream) for it in items]
+        for msg, st in prepared:
+            self.states[st.rid] = st
+            self._send(msg)
+        return [st for _, st in prepared]
+
+    async def next_output(self, st: ReqState) -> dict:
+        out = await st.queue.get()
+        if isinstance(out, Exception):
+            self.states.pop(st.rid, None)
+            raise out
+        if st.finished and st.queue.empty():
+            self.states.pop(st.rid, None)
+        return out
+
+    async def outputs(self, st: ReqState) -> AsyncIterator[dict]:
+        while True:
+            out = await self.next_output(st)
+            yield out
+            if out["meta_info"]["finish_reason"] is not None:
+                return
+
+    def abort(self, rids: list[str], message: str = "Abort request") -> None:
+        for rid in rids:
+            st = self.states.pop(rid, None)
+            if st is not None and not st.finished:
+                st.finished = True
+                self._send(AbortReq(rid=rid, message=message))
+
+    def request_abort(self, rid: str) -> None:
+        """/abort_request: the engine finishes the request with an abort the waiter still sees."""
+        self._send(AbortReq(rid=rid, message="Abort request"))
+
+    def abort_all(self) -> None:
+        self._send(AbortReq(abort_all=True, message="Abort request"))
+
+    async def flush_cache(self) -> bool:
+        async with self.flush_lock:
+            self.flush_future = asyncio.get_running_loop().create_future()
+            self._send(FlushCacheReq())
+            return await asyncio.wait_for(self.flush_future, timeout=60)
+
+    async def health_generate(self) -> bool:
+        if not self.is_healthy():
+            return False
+        rid = f"HEALTH_CHECK_{uuid.uuid4().hex}"
+        item = GenItem(None, [0], {"max_new_tokens": 1, "temperature": 0.7}, rid)
+        try:
+            (st,) = self.submit([item], stream=True)
+            await asyncio.wait_for(self.next_output(st), timeout=HEALTH_CHECK_TIMEOUT)
+            return True
+        except (asyncio.TimeoutError, EngineDeadError, ValueError):
+            return False
+        finally:
+            self.abort([rid], "health check done")

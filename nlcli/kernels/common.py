@@ -1,0 +1,31 @@
+"""Host-side helpers shared by the Triton attention wrappers (launch parameters, inputs)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 callers want fp32 answers (tests compare tightly); tf32 would drop ~3 decimal digits.
+    # For 16-bit inputs the setting is ignored by tl.dot.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def heads_per_program(kv_group: int, block_h: int) -> int:
+    """Query heads one decode program handles: a divisor of kv_group, at most block_h.
+
+    A divisor keeps every head of a program on the same KV head, so K/V is read once per program.
+    """
+    for n in range(min(kv_group, block_h), 0, -1):
+        if kv_group % n == 0:
+            return n
+    return 1
+
+
+def lens_on(values: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    """An integer tensor on `device` (callers may hand over host lists for tiny batches)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, non_blocking=True)
+    return torch.tensor(list(values), dtype=torch.int64, device=device)
