@@ -62,14 +62,19 @@ def _run(model, ids, token_type_ids=None) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def minilm():
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    """MiniLM loaded the way the engine loads it: ModelSource -> loader -> BertModel(hf_config)."""
+    from nlcli.engine.loader import load_model
+    from nlcli.engine.model_config import ModelConfig
+    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.models.registry import register_model
 
     path = _minilm_dir()
-    ec = read_embedding_config(path, default_pooling=BertModel.default_pooling)
-    model = BertModel(AutoConfig.from_pretrained(path), ec).eval()
-    model.load_weights(load_file(os.path.join(path, "model.safetensors")).items())
-    tok = AutoTokenizer.from_pretrained(path)
+    register_model("BertModel", "bert", "BertModel")  # what the registry maps for embedding servers
+    source = resolve_model_source(path, is_embedding=True)
+    config = ModelConfig.from_source(source, is_embedding=True)
+    model = load_model(config, source, torch.float32, torch.device("cpu"))
+    ec = model.embedding_config  # read from the sentence-transformers files beside config.json
+    tok = source.load_tokenizer()
     ids = [tok(s, truncation=True, max_length=ec.max_seq_length)["input_ids"] for s in SENTENCES]
     return path, model, ids
 
@@ -86,6 +91,7 @@ def test_minilm_config_is_read_from_sentence_transformers_files(minilm):
     ec = read_embedding_config(minilm[0])
     assert (ec.pooling, ec.normalize, ec.max_seq_length) == ("mean", True, 256)
     assert ec.from_sentence_transformers
+    assert minilm[1].embedding_config == ec
 
 
 def test_minilm_matches_sentence_transformers_batched(minilm, st_reference):
@@ -165,15 +171,18 @@ def test_load_weights_refuses_bad_checkpoints():
     broadcastable["embeddings.LayerNorm.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="expected"):
         ours.load_weights(broadcastable.items())
+    full = ours.load_weights(state.items())
+    assert full == set(dict(ours.named_parameters()))
     missing = {k: v for k, v in state.items() if "layer.1.attention.self.key" not in k}
-    with pytest.raises(ValueError, match="missing"):
-        ours.load_weights(missing.items())
+    # One shard of the fused qkv missing: the whole parameter is reported unloaded.
+    assert full - ours.load_weights(missing.items()) == {"layers.1.qkv_proj.weight", "layers.1.qkv_proj.bias"}
     with pytest.raises(KeyError):
         ours.load_weights([*state.items(), ("encoder.layer.0.mystery.weight", torch.zeros(1))])
 
 
 def test_encoder_refuses_a_cached_prefix():
     _, ours = _tiny_pair("bert")
+    assert ours.uses_kv_cache is False  # tells the scheduler not to cache or chunk its inputs
     fb = ForwardBatch.create([[5, 6]], [3], [0], torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="prefix"):
         ours(fb.input_ids, fb.positions, fb)

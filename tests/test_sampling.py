@@ -63,8 +63,9 @@ def test_top_k_and_min_p_prune(logits):
 
 
 def test_logprobs_are_raw_model_distribution(logits):
-    out = _sample(logits, [_sp(temperature=0.3, repetition_penalty=1.5)] * 8,
-                  prompts=[[1, 2, 3]] * 8)
+    info = SamplingBatchInfo.from_reqs(
+        [(_sp(temperature=0.3, repetition_penalty=1.5), [], [1, 2, 3])] * 8, V)
+    out = info.sample(logits, return_logprobs=True)
     ref = torch.log_softmax(logits, -1).gather(1, out.next_token_ids[:, None]).squeeze(1)
     torch.testing.assert_close(out.next_token_logprobs, ref)
 

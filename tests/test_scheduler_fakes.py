@@ -73,13 +73,13 @@ def next_token(context: list[int]) -> int:
     for i, t in enumerate(context):
         h = (h * 1099511 + (t + 1) * (i + 7)) % 2147483647
     # Printable ASCII most of the time, EOS now and then, a UTF-8 lead byte sometimes.
+    if context and context[-1] == 0xC3:
+        return 0xA0 + h % 16  # completes the two-byte character, so output is valid UTF-8
     r = h % 100
     if r < 3:
         return EOS_ID
     if r < 8:
-        return 0xC3  # start of a two-byte character; the hash then picks the continuation
-    if context and context[-1] == 0xC3:
-        return 0xA0 + h % 16
+        return 0xC3  # start of a two-byte character ("à".."ï")
     return 32 + h % 95
 
 
@@ -240,6 +240,14 @@ class LiveServer:
 
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
+
+    def engine_pid(self) -> int:
+        """The engine child (multiprocessing's resource tracker is a child too)."""
+        for pid in self.engine_pids():
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    return pid
+        raise RuntimeError("no engine process found")
 
     def stop(self, sig=None, timeout: float = 60.0) -> int:
         import signal

@@ -222,14 +222,16 @@ def test_dropped_streams_free_memory_and_server_stays_fast(server):
         async with httpx.AsyncClient(timeout=60) as client:
             await asyncio.gather(*[drop_one(client) for _ in range(16)])
 
+    aborted_before = server.log().count("Abort running request")
     asyncio.run(run())
     start = time.monotonic()
     r = gen(server, {"text": "after the storm", "sampling_params": {"max_new_tokens": 8}})
     assert r.status_code == 200 and time.monotonic() - start < 3.0
     # The engine checks its books when idle; strict mode would have killed it on a leak.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "Abort running request" not in server.log():
+    while time.monotonic() < deadline and server.log().count("Abort running request") < aborted_before + 16:
         time.sleep(0.2)
+    assert server.log().count("Abort running request") == aborted_before + 16
     time.sleep(1.5)
     assert httpx.get(server.url + "/health").status_code == 200
     assert "leak" not in server.log()

@@ -1,4 +1,4 @@
-"""EmbeddingConfig: how an embedding model pools and normalises, read from sentence-transformers files.
+"""EmbeddingConfig: how an embedding model pools and normalises, from sentence-transformers files.
 
 A sentence-transformers checkpoint declares its pipeline in `modules.json` (Transformer -> Pooling
 -> Normalize), the pooling mode in `<pooling dir>/config.json`, and tokenizer limits in

@@ -65,12 +65,25 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
     recv = ctx.socket(zmq.PULL)
     recv.bind(in_addr)
     send = ctx.socket(zmq.PUSH)
+    # A PUSH with no peer blocks forever; time out so a dead API process is noticed.
+    send.setsockopt(zmq.SNDTIMEO, 2000)
     send.bind(out_addr)
+
+    def send_obj(obj: object) -> None:
+        while True:
+            try:
+                send.send_pyobj(obj)
+                return
+            except zmq.Again:
+                if os.getppid() != parent:
+                    log.error("API process is gone; engine exiting")
+                    os._exit(1)
+
     try:
         runner = _make_runner(server_args)
         if hasattr(runner, "warmup"):
             runner.warmup()
-        sched = Scheduler(server_args, runner, send.send_pyobj)
+        sched = Scheduler(server_args, runner, send_obj)
     except Exception:
         log.exception("Engine failed to start")
         sys.exit(1)
@@ -78,7 +91,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
     log.info("max_total_num_tokens=%d, max_prefill_tokens=%d, max_running_requests=%d, context_len=%d",
              runner.max_total_num_tokens, server_args.max_prefill_tokens,
              sched.max_running_requests, cfg.context_len)
-    send.send_pyobj(EngineReady(
+    send_obj(EngineReady(
         max_total_num_tokens=int(runner.max_total_num_tokens),
         max_prefill_tokens=server_args.max_prefill_tokens,
         max_running_requests=sched.max_running_requests, context_len=int(cfg.context_len),
@@ -108,7 +121,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT_INTERVAL:
             last_beat = now
-            send.send_pyobj(sched.heartbeat())
             if os.getppid() != parent:
                 log.error("API process is gone; engine exiting")
                 return
+            send_obj(sched.heartbeat())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -46,6 +46,9 @@ class ForwardBatch:
     # When True the runner returns logits for every new token (prompt logprobs, scoring);
     # otherwise only for the last new token of each request.
     return_all_logits: bool = False
+    # Set by the model runner: the attention backend's per-forward plan (e.g. padded decode
+    # indices), computed once per forward and shared by every layer.
+    attn_backend: Optional[Any] = None
 
     @property
     def num_tokens(self) -> int:

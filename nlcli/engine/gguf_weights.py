@@ -68,4 +68,7 @@ def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Te
         w = dequantize(t.data, t.tensor_type).reshape(shape)
         if arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             w = _unpermute(w, n_head if ".q_proj." in name else n_kv)
-        yield name, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:  # unquantized tensors are views of the read-only file map
+            w = w.copy()
+        yield name, torch.from_numpy(w)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -24,6 +25,21 @@ logger = logging.getLogger("nlcli.launch")
 
 ENGINE_START_TIMEOUT = 1800.0
 WARMUP_TEXT = "The capital city of France is"
+
+
+_serving = {"started": False}
+
+
+def _install_signal_handlers() -> None:
+    """Before serving a signal stops start-up; after, uvicorn has handled it (it re-raises the
+    signal once it has drained, which must not kill us before the engine is stopped)."""
+
+    def on_signal(sig, frame):
+        if not _serving["started"]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 class _Server(uvicorn.Server):
@@ -61,6 +77,7 @@ def launch_server(args) -> int:
     proc = mp.get_context("spawn").Process(target=run_engine, args=(args, in_addr, out_addr),
                                            name="nl-engine")
     proc.start()
+    _install_signal_handlers()
     try:
         return asyncio.run(_serve(args, source, proc, in_addr, out_addr))
     except KeyboardInterrupt:
@@ -88,6 +105,7 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _Server(config)
     server.tm = tm
+    _serving["started"] = True
     state = {"exit_code": 0}
 
     def on_dead() -> None:

@@ -138,7 +138,7 @@ def _decode_stage2_kernel(
         start, end = _split_bounds(seq_len, split, NUM_KV_SPLITS, BLOCK_N)
         # Empty splits were never written by stage 1: skip them rather than read garbage.
         if end > start:
-            lse = tl.load(Mid_Lse + b * stride_lb + h * stride_lh + split + tl.arange(0, 1))
+            lse = tl.load(Mid_Lse + b * stride_lb + h * stride_lh + split)
             part = tl.load(
                 Mid_O + b * stride_mob + h * stride_moh + split * stride_mos + offs_d,
                 mask=mask_d,
@@ -153,6 +153,41 @@ def _decode_stage2_kernel(
     # seq_len == 0 (padding rows of a captured graph) yields zeros instead of NaN.
     out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
+
+
+def decode_launch_config(
+    head_dim: int, kv_group: int, dtype: torch.dtype, on_cuda: bool, num_kv_splits: int
+) -> tuple[dict, dict]:
+    """Compile-time constants and launch options of both stages (shared with the compile test)."""
+    if not on_cuda:
+        block_n = 16  # interpreter: small tiles keep tiny test shapes multi-block
+    elif dtype == torch.float32 or head_dim > 128:
+        block_n = 32  # K and V tiles of two pipeline stages must fit in shared memory
+    else:
+        block_n = 64
+    block_h = 16  # tl.dot needs at least 16 rows; unused head rows are masked
+    block_d = triton.next_power_of_2(head_dim)
+    stage1 = dict(
+        KV_GROUP=kv_group,
+        HEADS_PER_PROG=heads_per_program(kv_group, block_h),
+        HEAD_DIM=head_dim,
+        NUM_KV_SPLITS=num_kv_splits,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    stage2 = dict(
+        HEAD_DIM=head_dim,
+        NUM_KV_SPLITS=num_kv_splits,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+        num_stages=2,
+    )
+    return stage1, stage2
 
 
 def decode_attention_fwd(
@@ -179,16 +214,13 @@ def decode_attention_fwd(
     seq_lens = lens_on(seq_lens, q.device)
     req_pool_indices = lens_on(req_pool_indices, q.device)
 
-    block_d = triton.next_power_of_2(head_dim)
-    block_n = 64 if q.is_cuda else 16
-    block_h = 16
-    per_prog = heads_per_program(kv_group, block_h)
+    stage1, stage2 = decode_launch_config(head_dim, kv_group, q.dtype, q.is_cuda, num_kv_splits)
     mid_o = torch.empty(
         (bs, num_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device
     )
     mid_lse = torch.empty((bs, num_heads, num_kv_splits), dtype=torch.float32, device=q.device)
 
-    _decode_stage1_kernel[(bs, num_heads // per_prog, num_kv_splits)](
+    _decode_stage1_kernel[(bs, num_heads // stage1["HEADS_PER_PROG"], num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
         sm_scale,
         q.stride(0), q.stride(1),
@@ -197,28 +229,14 @@ def decode_attention_fwd(
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        KV_GROUP=kv_group,
-        HEADS_PER_PROG=per_prog,
-        HEAD_DIM=head_dim,
-        NUM_KV_SPLITS=num_kv_splits,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4,
-        num_stages=2,
+        **stage1,
     )
     _decode_stage2_kernel[(bs, num_heads)](
         mid_o, mid_lse, o, seq_lens,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
-        HEAD_DIM=head_dim,
-        NUM_KV_SPLITS=num_kv_splits,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=4,
-        num_stages=2,
+        **stage2,
     )
     return o
 

@@ -104,12 +104,26 @@ def _extend_kernel(
         )
 
 
-def _block_sizes(q: torch.Tensor) -> tuple[int, int]:
-    if not q.is_cuda:
-        return 16, 16  # interpreter: small tiles keep tiny test shapes multi-block
-    if q.dtype == torch.float32 or q.shape[-1] > 128:
-        return 32, 32  # fp32 / wide heads: stay inside shared memory
-    return 64, 64
+def extend_launch_config(
+    head_dim: int, kv_group: int, dtype: torch.dtype, on_cuda: bool
+) -> dict:
+    """Compile-time constants and launch options of the kernel (shared with the compile test)."""
+    if not on_cuda:
+        block_m = block_n = 16  # interpreter: small tiles keep tiny test shapes multi-block
+    elif dtype == torch.float32 or head_dim > 128:
+        block_m = block_n = 32  # fp32 / wide heads: stay inside shared memory
+    else:
+        block_m = block_n = 64
+    return dict(
+        KV_GROUP=kv_group,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_PRECISION=dot_precision(dtype),
+        num_warps=4 if head_dim <= 64 else 8,
+        num_stages=2,
+    )
 
 
 def extend_attention_fwd(
@@ -145,8 +159,8 @@ def extend_attention_fwd(
         max_extend_len = int(extend_lens.max())
     qo_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
 
-    block_m, block_n = _block_sizes(q)
-    grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
+    config = extend_launch_config(head_dim, kv_group, q.dtype, q.is_cuda)
+    grid = (bs, num_heads, triton.cdiv(max_extend_len, config["BLOCK_M"]))
     _extend_kernel[grid](
         q, k_buffer, v_buffer, o, req_to_token, req_pool_indices, prefix_lens, extend_lens,
         qo_start_loc,
@@ -156,14 +170,7 @@ def extend_attention_fwd(
         v_buffer.stride(0), v_buffer.stride(1),
         o.stride(0), o.stride(1),
         req_to_token.stride(0),
-        KV_GROUP=kv_group,
-        HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if head_dim <= 64 else 8,
-        num_stages=2,
+        **config,
     )
     return o
 

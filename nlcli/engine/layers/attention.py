@@ -167,7 +167,8 @@ def create_attn_backend(name: str, device: torch.device, req_to_token_pool, toke
     """auto: Triton kernels on CUDA when importable, torch otherwise."""
     if device.type == "cuda" and name in ("auto", "triton"):
         try:
-            from nlcli.kernels import decode_attention_fwd, extend_attention_fwd  # noqa: F401
+            from nlcli.kernels.decode_attention import decode_attention_fwd
+            from nlcli.kernels.extend_attention import extend_attention_fwd
 
             return TritonAttentionBackend(req_to_token_pool, token_to_kv_pool, decode_attention_fwd, extend_attention_fwd)
         except ImportError as e:

@@ -8,8 +8,6 @@ checkpoint's sentence-transformers files (see `nlcli.engine.embedding_config`).
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -18,8 +16,6 @@ from torch import nn
 
 from nlcli.engine.embedding_config import EmbeddingConfig, embedding_config_for
 from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, Pooler
-
-logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -31,25 +27,30 @@ _ACTIVATIONS = {
 }
 
 
+def padding_mask(lengths: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
+    """`[bs, max_len]` True where a padded row holds a real token; None for a single sequence."""
+    if len(lengths) == 1:
+        return None
+    lens = torch.tensor(list(lengths), device=device)
+    return torch.arange(max(lengths), device=device)[None, :] < lens[:, None]
+
+
 def encoder_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """Bidirectional attention per sequence over packed `[num_tokens, heads, head_dim]` tensors.
 
     Sequences are scattered into a padded `[bs, heads, max_len, head_dim]` block so one fused SDPA
     call serves the batch; padded keys are masked out, padded query rows are discarded.
     """
-    if len(lengths) == 1:
+    if valid is None:
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         )
         return out[0].transpose(0, 1)
-    bs, max_len = len(lengths), max(lengths)
-    lens = torch.tensor(list(lengths), device=q.device)
-    valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [bs, max_len]
 
     def padded(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(bs, max_len, *x.shape[1:])
+        out = x.new_zeros(*valid.shape, *x.shape[1:])
         out[valid] = x  # row-major order of `valid` is exactly the packed order
         return out.transpose(1, 2)
 
@@ -90,9 +91,9 @@ class BertLayer(nn.Module):
         self.output = nn.Linear(config.intermediate_size, hidden)
         self.out_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        attn = encoder_attention(q, k, v, lengths).reshape(x.shape)
+        attn = encoder_attention(q, k, v, valid).reshape(x.shape)
         x = self.attn_norm(x + self.attn_out(attn))
         return self.out_norm(x + self.output(self.act(self.intermediate(x))))
 
@@ -116,6 +117,9 @@ class BertModel(nn.Module):
     """Encoder + pooler. `forward` returns one pooled embedding per sequence."""
 
     default_pooling = "cls"  # SGLang's default when no sentence-transformers files say otherwise
+    # The scheduler reads this: no radix-cache reuse and no chunked prefill for this model (each
+    # input must be encoded whole, in one forward), and the runner needs no KV pool for it.
+    uses_kv_cache = False
     weight_prefixes = ("bert.",)
 
     def __init__(self, config, embedding_config: Optional[EmbeddingConfig] = None):
@@ -125,6 +129,7 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config, self._position_offset(config))
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = Pooler(self.embedding_config.pooling, self.embedding_config.normalize)
+        self.requires_grad_(False)  # inference only, like the decoder's parameters
 
     @staticmethod
     def _position_offset(config) -> int:
@@ -145,8 +150,9 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, positions, token_type_ids)
+        valid = padding_mask(lengths, x.device)
         for layer in self.layers:
-            x = layer(x, lengths)
+            x = layer(x, valid)
         return x
 
     @torch.inference_mode()

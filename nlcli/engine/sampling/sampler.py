@@ -16,14 +16,13 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
+from nlcli.engine.sampling.draw import draw_truncated, draw_unsorted, seeded_uniform
 from nlcli.engine.sampling.params import SamplingParams
 from nlcli.engine.sampling.penalties import (
     apply_frequency_presence,
     apply_repetition,
     token_counts,
 )
-
-_MASK64 = (1 << 64) - 1
 
 
 class TokenMask(Protocol):
@@ -32,20 +31,12 @@ class TokenMask(Protocol):
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
 
 
-def seeded_uniform(seed: int, step: int) -> float:
-    """A uniform in [0, 1) that depends only on (seed, step): splitmix64 of the pair."""
-    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    x ^= x >> 31
-    return (x >> 11) * (1.0 / (1 << 53))
-
-
 @dataclass
 class SampleOutput:
     next_token_ids: torch.Tensor  # [bs] int64
-    next_token_logprobs: torch.Tensor  # [bs] float32, raw log-softmax at the chosen ids
-    logprobs: Optional[torch.Tensor] = None  # [bs, vocab] raw log-softmax, when asked for
+    # With return_logprobs only: raw log-softmax at the chosen ids [bs], and in full [bs, vocab].
+    next_token_logprobs: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -57,8 +48,10 @@ class SamplingBatchInfo:
     top_ks: torch.Tensor  # [bs] int64, -1 already replaced by vocab_size
     min_ps: torch.Tensor  # [bs] float32
     all_greedy: bool
-    need_top_p: bool
-    need_min_p: bool
+    # Rows drawn from the top candidates (a top-k or top-p cut) and rows drawn from the whole
+    # vocabulary; None when the group is empty, and the batch's full range needs no index.
+    cut_rows: Optional[torch.Tensor]
+    free_rows: Optional[torch.Tensor]
     # Rows with a seed and the uniforms for them (host-computed; see seeded_uniform).
     seeded_rows: Optional[torch.Tensor]
     seeded_u: Optional[torch.Tensor]
@@ -101,11 +94,17 @@ class SamplingBatchInfo:
             top_ks=i64(top_ks),
             min_ps=f32([p.min_p for p in params]),
             all_greedy=all(k == 1 for k in top_ks),
-            need_top_p=any(p.top_p < 1.0 for p in params),
-            need_min_p=any(p.min_p > 0.0 for p in params),
+            cut_rows=None,
+            free_rows=None,
             seeded_rows=None,
             seeded_u=None,
         )
+        cut = [i for i, p in enumerate(params) if top_ks[i] < vocab_size or p.top_p < 1.0]
+        if cut:
+            info.cut_rows = i64(cut)
+        if len(cut) < len(params):
+            cut_set = set(cut)
+            info.free_rows = i64([i for i in range(len(params)) if i not in cut_set])
         seeded = [
             (i, seeded_uniform(p.seed, len(out)))
             for i, (p, out, _) in enumerate(reqs)
@@ -113,7 +112,7 @@ class SamplingBatchInfo:
         ]
         if seeded:
             info.seeded_rows = i64([i for i, _ in seeded])
-            info.seeded_u = torch.tensor([u for _, u in seeded], dtype=torch.float64, device=device)
+            info.seeded_u = f32([u for _, u in seeded])
 
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rep:
@@ -153,25 +152,35 @@ class SamplingBatchInfo:
     def sample(self, logits: torch.Tensor, return_logprobs: bool = False) -> SampleOutput:
         """logits: [bs, vocab] (float32 preferred) at each request's next position."""
         raw = logits.float()
-        logits = raw.clone()
-        if self.bias_rows is not None:
-            logits[self.bias_rows] += self.bias
-        if self.rep_rows is not None:
-            apply_repetition(logits, self.rep_rows, self.rep_seen, self.rep_penalty)
-        if self.freq_rows is not None:
-            apply_frequency_presence(
-                logits, self.freq_rows, self.freq_counts, self.freq_penalty, self.pres_penalty
-            )
-        self._apply_masks(logits)
+        work = raw
+        if self._changes_logits():
+            work = raw.clone()
+            if self.bias_rows is not None:
+                work[self.bias_rows] += self.bias
+            if self.rep_rows is not None:
+                apply_repetition(work, self.rep_rows, self.rep_seen, self.rep_penalty)
+            if self.freq_rows is not None:
+                apply_frequency_presence(
+                    work, self.freq_rows, self.freq_counts, self.freq_penalty, self.pres_penalty
+                )
+            self._apply_masks(work)
 
         if self.all_greedy:
-            next_ids = torch.argmax(logits, dim=-1)
+            next_ids = torch.argmax(work, dim=-1)
         else:
-            next_ids = self._draw(logits)
+            next_ids = self._draw(work)
 
-        logprobs = torch.log_softmax(raw, dim=-1)
-        chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-        return SampleOutput(next_ids, chosen, logprobs if return_logprobs else None)
+        if not return_logprobs:
+            return SampleOutput(next_ids)
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True)
+        full = raw - lse
+        return SampleOutput(next_ids, full.gather(1, next_ids[:, None]).squeeze(1), full)
+
+    def _changes_logits(self) -> bool:
+        return any(
+            x is not None
+            for x in (self.bias_rows, self.rep_rows, self.freq_rows, self.min_rows, self.grammars)
+        )
 
     def _apply_masks(self, logits: torch.Tensor) -> None:
         if self.grammars is not None:
@@ -187,26 +196,15 @@ class SamplingBatchInfo:
 
     def _draw(self, logits: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits / self.temperatures, dim=-1)
-        # Stable so equal probabilities keep id order: the same row always sorts the same way.
-        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-        rank = torch.arange(self.vocab_size, device=logits.device)[None, :]
-        # Masked tokens (probability 0) are never drawn, even when u rounds up to the total.
-        keep = (rank < self.top_ks[:, None]) & (sorted_probs > 0)
-        if self.need_top_p:
-            # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-            keep &= before < self.top_ps[:, None]
-        if self.need_min_p:
-            keep &= sorted_probs >= self.min_ps[:, None] * sorted_probs[:, :1]
-        keep[:, 0] = True  # the most likely token always survives the filters
-        kept = sorted_probs * keep
-        cdf = torch.cumsum(kept, dim=-1, dtype=torch.float64)
-
-        u = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device)
+        u = torch.rand(logits.shape[0], device=logits.device)
         if self.seeded_rows is not None:
             u[self.seeded_rows] = self.seeded_u
-        target = u * cdf[:, -1]
-        idx = torch.searchsorted(cdf, target[:, None], right=True)
-        # Filters cut a suffix of the sorted order, so the kept tokens are a prefix: stay inside it.
-        idx = torch.minimum(idx, keep.sum(dim=-1, keepdim=True) - 1)
-        return sorted_ids.gather(1, idx).squeeze(1)
+        if self.free_rows is None:
+            return draw_truncated(probs, self.top_ks, self.top_ps, self.min_ps, u)
+        if self.cut_rows is None:
+            return draw_unsorted(probs, self.min_ps, u)
+        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        c, f = self.cut_rows, self.free_rows
+        out[c] = draw_truncated(probs[c], self.top_ks[c], self.top_ps[c], self.min_ps[c], u[c])
+        out[f] = draw_unsorted(probs[f], self.min_ps[f], u[f])
+        return out
