@@ -294,7 +294,10 @@ TEST_API_KEY = "sk-test-secret-7f3a"
 
 @pytest.fixture(scope="session")
 def server_url() -> Any:
-    """A generation server (swap for a real `nl serve` URL here)."""
+    """A generation server: the fake, or a running `nl serve` named by NL_TEST_SERVER_URL."""
+    if os.environ.get("NL_TEST_SERVER_URL"):
+        yield os.environ["NL_TEST_SERVER_URL"]
+        return
     with FakeServer() as srv:
         yield srv.url
 

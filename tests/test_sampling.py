@@ -134,12 +134,15 @@ def test_min_new_tokens_suppresses_eos_and_stop_ids():
     assert not ({2, 11} & set(ids.tolist()))
 
 
-def test_seed_reproducible_alone_and_in_batch_of_16():
+@pytest.mark.parametrize("target_kw", [{"top_p": 0.95}, {"min_p": 0.02}, {}])
+def test_seed_reproducible_alone_and_in_batch_of_16(target_kw):
     g = torch.Generator().manual_seed(1)
     batch = torch.randn(16, V, generator=g)
     target = 7
-    params = [_sp(temperature=1.0, top_p=0.95) for _ in range(16)]
-    params[target] = _sp(temperature=1.0, top_p=0.95, seed=1234)
+    mix = [{"top_p": 0.9}, {"top_k": 5}, {}, {"temperature": 0}, {"min_p": 0.1},
+           {"frequency_penalty": 0.5}, {"top_k": 40, "top_p": 0.8}]
+    params = [_sp(**mix[i % len(mix)]) for i in range(16)]
+    params[target] = _sp(temperature=1.0, seed=1234, **target_kw)
     outputs = [[1] * (i % 5) for i in range(16)]
     for step in range(6):
         outputs[target] = [1] * step
@@ -148,11 +151,23 @@ def test_seed_reproducible_alone_and_in_batch_of_16():
             torch.manual_seed(100 + trial)  # the rest of the batch draws differently each time
             got = _sample(batch, params, outputs=outputs).next_token_ids[target]
             assert got.item() == alone.next_token_ids.item()
-    # Different seeds, or steps, must not collapse to a single choice.
+    # Different seeds must not collapse to a single choice.
     draws = {
-        _sample(batch[:1], [_sp(seed=s)]).next_token_ids.item() for s in range(40)
+        _sample(batch[:1], [_sp(seed=s, **target_kw)]).next_token_ids.item() for s in range(40)
     }
     assert len(draws) > 5
+
+
+def test_top_p_nucleus_wider_than_candidates():
+    # A flat distribution: the 0.99 nucleus spans ~990 of 1000 tokens, past the topk candidates.
+    from nlcli.engine.sampling.draw import TOP_P_CANDIDATES
+
+    vocab = 1000
+    assert TOP_P_CANDIDATES < 0.9 * vocab
+    logits = torch.zeros(500, vocab)
+    torch.manual_seed(0)
+    ids = _sample(logits, [_sp(top_p=0.99)] * 500).next_token_ids
+    assert len(set(ids.tolist())) > 300  # far beyond what TOP_P_CANDIDATES alone could give
 
 
 def _filtered_distribution(logits, t, top_k, top_p, min_p):
@@ -171,12 +186,20 @@ def _filtered_distribution(logits, t, top_k, top_p, min_p):
     return q / q.sum()
 
 
+FILTERS = [  # (temperature, top_k, top_p, min_p): the top-candidates path and the whole-vocab path
+    (0.8, 7, 0.9, 0.08),
+    (0.6, -1, 0.75, 0.0),
+    (1.3, -1, 1.0, 0.05),
+    (1.0, -1, 1.0, 0.0),
+]
+
+
 @pytest.mark.parametrize("seeded", [False, True])
-def test_sampled_frequencies_match_filtered_softmax(seeded):
+@pytest.mark.parametrize("filters", FILTERS)
+def test_sampled_frequencies_match_filtered_softmax(seeded, filters):
     logits = np.array([2.0, 1.6, 1.2, 1.0, 0.7, 0.2, -0.5, -1.0, -3.0, 0.9])
-    t, top_k, top_p, min_p = 0.8, 7, 0.9, 0.08
-    expected = _filtered_distribution(logits, t, top_k, top_p, min_p)
-    assert 2 < (expected > 0).sum() < len(logits)  # every filter has a say in this setup
+    t, top_k, top_p, min_p = filters
+    expected = _filtered_distribution(logits, t, top_k if top_k > 0 else 99, top_p, min_p)
     n = 2000
     rows = torch.tensor(logits, dtype=torch.float32).repeat(n, 1)
     kw = dict(temperature=t, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -188,6 +211,13 @@ def test_sampled_frequencies_match_filtered_softmax(seeded):
     nz = expected > 0
     stat = chisquare(counts[nz], expected[nz] * n)
     assert stat.pvalue > 1e-3, (counts, expected * n)
+
+
+def test_filters_each_prune_in_chi_square_setups():
+    logits = np.array([2.0, 1.6, 1.2, 1.0, 0.7, 0.2, -0.5, -1.0, -3.0, 0.9])
+    kept = [(_filtered_distribution(logits, t, k if k > 0 else 99, p, m) > 0).sum()
+            for t, k, p, m in FILTERS]
+    assert kept[0] < 7 and kept[1] < 10 and kept[2] < 10 and kept[3] == 10
 
 
 def test_all_masked_but_eos_picks_eos():

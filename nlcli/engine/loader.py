@@ -44,7 +44,7 @@ def load_model(
     device: torch.device,
     load_format: str = "auto",
 ) -> torch.nn.Module:
-    cls = resolve_model_class(model_config.architectures)
+    cls = resolve_model_class(model_config.architectures, is_embedding=not model_config.is_generation)
     start = time.perf_counter()
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

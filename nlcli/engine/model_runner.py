@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ from nlcli.engine.mem_cache.pool import (
 )
 from nlcli.engine.model_config import ModelConfig
 from nlcli.engine.model_source import ModelSource, resolve_model_source
+
+if TYPE_CHECKING:
+    from nlcli.engine.layers.pooler import EmbeddingPoolerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> LogitsOutput:
+    def forward(self, batch: ForwardBatch) -> LogitsOutput | EmbeddingPoolerOutput:
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
@@ -161,7 +164,8 @@ class ModelRunner:
         try:
             self.req_to_token_pool.req_to_token[rows[0], :2] = slots
             self.forward(ForwardBatch.create([[0]], [0], rows, slots[:1], self.device))
-            self.forward(ForwardBatch.create([[0]], [1], rows, slots[1:], self.device))
+            if getattr(self.model, "uses_kv_cache", True):  # encoders cannot extend a prefix
+                self.forward(ForwardBatch.create([[0]], [1], rows, slots[1:], self.device))
         finally:
             self.token_to_kv_pool_allocator.free(slots)
             self.req_to_token_pool.free(rows)
