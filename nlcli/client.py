@@ -180,7 +180,10 @@ class NlClient:
                 for data in iter_sse(resp.iter_lines()):
                     if data.strip() == "[DONE]":
                         return
-                    event = json.loads(data)
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        raise ServerError(f"malformed stream event: {data[:200]!r}", 200) from None
                     if isinstance(event, dict) and "error" in event and len(event) == 1:
                         err = event["error"]
                         msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)

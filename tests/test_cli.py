@@ -176,7 +176,7 @@ def test_info_shows_args_model_and_pool(server_url):
     assert out["model_info"] == model
     assert isinstance(out["memory_pool_size"], int) and out["memory_pool_size"] > 0
     assert "schedule_policy" in out["server_args"]
-    human = nl("info", "--url", server_url)
+    human = nl("info", "--url", server_url, env={"COLUMNS": "300"})  # long paths stay whole
     assert human.exit_code == 0
     assert model["model_path"] in human.stderr and str(out["memory_pool_size"]) in human.stderr
 

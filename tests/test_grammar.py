@@ -146,6 +146,28 @@ def test_compile_cache_and_batch_mixing(tok, backend):
     assert torch.isfinite(logits[1]).sum().item() == len(_allowed(m, len(tok)))
 
 
+def test_compile_runs_off_the_caller(tok, backend, monkeypatch):
+    """A compile that blocks does not block compile() itself: the caller gets a pending future."""
+    import threading
+
+    from nlcli.engine.sampling import grammar
+
+    gate = threading.Event()
+    real_parse = grammar._parse
+
+    def slow_parse(kind, text):
+        assert gate.wait(10)
+        return real_parse(kind, text)
+
+    monkeypatch.setattr(grammar, "_parse", slow_parse)
+    fut = backend.compile("regex", "slow-[a-z]+")
+    assert not fut.done()
+    gate.set()
+    m = backend.matcher(fut.result(timeout=10))
+    _feed(m, tok, "slow-ab")
+    assert m.accept_token(tok.eos_token_id) and m.is_terminated()
+
+
 @pytest.mark.slow
 def test_json_schema_on_embedded_model(tok, backend):
     """Sampled answers from SmolLM2 under the schema all parse and validate."""

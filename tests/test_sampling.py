@@ -158,16 +158,26 @@ def test_seed_reproducible_alone_and_in_batch_of_16(target_kw):
     assert len(draws) > 5
 
 
-def test_top_p_nucleus_wider_than_candidates():
-    # A flat distribution: the 0.99 nucleus spans ~990 of 1000 tokens, past the topk candidates.
+@pytest.mark.parametrize("seeded", [False, True])
+def test_top_p_nucleus_wider_than_candidates(seeded):
+    # Two tokens hold 0.6 of the mass, 1000 small distinct ones the rest: the 0.9 nucleus spans
+    # ~750 small tokens, past the topk candidates, so the probability-bar path draws it.
     from nlcli.engine.sampling.draw import TOP_P_CANDIDATES
 
-    vocab = 1000
-    assert TOP_P_CANDIDATES < 0.9 * vocab
-    logits = torch.zeros(500, vocab)
+    small = np.linspace(0.0, 0.5, 1000)
+    logits = np.concatenate([[np.log(0.3 / 0.0004)] * 2, small])
+    expected = _filtered_distribution(logits, 1.0, 9999, 0.9, 0.0)
+    assert (expected > 0).sum() > TOP_P_CANDIDATES + 100
+    n = 2000
+    rows = torch.tensor(logits, dtype=torch.float32).repeat(n, 1)
+    params = [_sp(top_p=0.9, seed=s) if seeded else _sp(top_p=0.9) for s in range(n)]
     torch.manual_seed(0)
-    ids = _sample(logits, [_sp(top_p=0.99)] * 500).next_token_ids
-    assert len(set(ids.tolist())) > 300  # far beyond what TOP_P_CANDIDATES alone could give
+    ids = _sample(rows, params).next_token_ids.numpy()
+    counts = np.bincount(ids, minlength=len(logits))
+    assert counts[expected == 0].sum() == 0
+    groups = [counts[0], counts[1], counts[2:].sum()]
+    want = [expected[0] * n, expected[1] * n, expected[2:].sum() * n]
+    assert chisquare(groups, want).pvalue > 1e-3, (groups, want)
 
 
 def _filtered_distribution(logits, t, top_k, top_p, min_p):

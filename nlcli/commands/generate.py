@@ -50,9 +50,11 @@ def load_schema(value: Optional[str]) -> Optional[str]:
     """--json-schema takes JSON text or @FILE; the server wants it as a JSON string."""
     if value is None:
         return None
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
     try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
         json.loads(text)
+    except OSError as e:
+        raise typer.BadParameter(str(e), param_hint="--json-schema") from None
     except ValueError as e:
         raise typer.BadParameter(f"not valid JSON: {e}", param_hint="--json-schema") from None
     return text

@@ -11,6 +11,7 @@ import time
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from nlcli.client import NlError, Unhealthy
 from nlcli.commands.common import ApiKeyOpt, JsonOpt, TimeoutOpt, UrlOpt, handled, settings
@@ -60,4 +61,5 @@ def health(
             {"ok": True, "status": 200, "endpoint": endpoint, "elapsed_s": round(elapsed, 3)}
         )
     else:
-        consoles().human.print(f"[green]healthy[/]: {s.url}{endpoint} ({elapsed:.2f} s)")
+        where = escape(f"{s.url}{endpoint}")
+        consoles().human.print(f"[green]healthy[/]: {where} ({elapsed:.2f} s)", soft_wrap=True)

@@ -1,8 +1,8 @@
 """Drawing one token per row from filtered probabilities by inverse CDF, without a full-vocab sort.
 
 Rows with no top-k/top-p cut draw straight from the vocabulary-ordered CDF (min-p is a threshold,
-no order needed). Rows with a cut draw from the descending top candidates: `torch.topk` over a
-bounded candidate count, widened to a full sort only when a row's nucleus does not fit. Each row's
+no order needed). Rows with a cut draw from the descending top candidates of `torch.topk`; a top-p
+nucleus too wide for them becomes a probability bar found by bisection. Each row's
 token depends only on its own probabilities, its own filters and its uniform `u`, so a seeded request
 samples the same token whatever else is in the batch.
 """
@@ -45,6 +45,22 @@ def draw_unsorted(probs: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> 
     return _inverse_cdf(weights, u)
 
 
+def _nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor, iters: int = 32) -> torch.Tensor:
+    """Per row, the largest probability bar whose tokens at or above it hold >= top_p of the mass.
+
+    Bisection on the bar: `iters` masked sums over the row instead of a full-vocabulary sort.
+    """
+    lo = torch.zeros_like(probs[:, :1])  # everything kept: mass 1 >= top_p
+    hi = probs.amax(dim=-1, keepdim=True)
+    need = top_p[:, None]
+    for _ in range(iters):
+        mid = (lo + hi) * 0.5
+        ok = torch.where(probs >= mid, probs, 0.0).sum(dim=-1, keepdim=True) >= need
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo
+
+
 def draw_truncated(
     probs: torch.Tensor,
     top_k: torch.Tensor,
@@ -54,15 +70,8 @@ def draw_truncated(
 ) -> torch.Tensor:
     """Token ids for rows with a top-k and/or top-p cut (and maybe min_p)."""
     vocab = probs.shape[-1]
-    ks = top_k.tolist()
-    cand = min(vocab, max(k if k < vocab else TOP_P_CANDIDATES for k in ks))
+    cand = min(vocab, max(k if k < vocab else TOP_P_CANDIDATES for k in top_k.tolist()))
     vals, ids = torch.topk(probs, cand, dim=-1, sorted=True)
-    # A row whose cut reaches past the candidates (top_k beyond them and a nucleus that the
-    # candidates' mass does not cover) needs the whole order.
-    short = (top_k > cand) & (vals.sum(dim=-1) < top_p)
-    if cand < vocab and bool(short.any()):
-        vals, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-        cand = vocab
     rank = torch.arange(cand, device=probs.device)[None, :]
     keep = (rank < top_k[:, None]) & (vals > 0)
     # The smallest prefix whose mass reaches top_p, the token that crosses it included.
@@ -71,4 +80,15 @@ def draw_truncated(
     keep &= vals >= min_p[:, None] * vals[:, :1]
     keep[:, 0] = True  # the most likely token survives every filter
     idx = _inverse_cdf(torch.where(keep, vals, 0.0), u)
-    return ids.gather(1, idx[:, None]).squeeze(1)
+    out = ids.gather(1, idx[:, None]).squeeze(1)
+
+    # A top-p row (no top-k) whose nucleus is wider than TOP_P_CANDIDATES draws from a probability
+    # bar in vocabulary order instead. The test looks at the row's own first TOP_P_CANDIDATES, so
+    # which way a row goes never depends on the rest of the batch.
+    wide = (top_k >= vocab) & (vals[:, :TOP_P_CANDIDATES].sum(dim=-1) < top_p)
+    if bool(wide.any()):
+        rows = torch.nonzero(wide).squeeze(1)
+        p = probs[rows]
+        bar = torch.maximum(_nucleus_floor(p, top_p[rows]), min_p[rows, None] * p.amax(-1, True))
+        out[rows] = _inverse_cdf(torch.where(p >= bar, p, 0.0), u[rows])
+    return out

@@ -101,7 +101,7 @@ class GrammarBackend:
         tokenizer,
         vocab_size: int,
         eos_token_ids: Sequence[int] = (),
-        max_workers: int = 1,
+        max_workers: int = 2,
         cache_size: int = 256,
     ):
         self.vocab_size = vocab_size
