@@ -214,6 +214,18 @@ def validate_on_meta(model: torch.nn.Module, hf_config: Any, staged: list, dtype
         ):
             raise ValueError(f"{name} is stored as {str(tensor.dtype).replace('torch.', '')}; "
                              "only float32, float16 and bfloat16 checkpoints can update weights")
+    shapes, groups = reference_checkpoint(hf_config)
+    names = {name for name, _ in staged}
+    if names & set(shapes):  # else the checkpoint names weights its own way: the twin decides
+        absent = sorted(min(g) for g in groups if not g & names)
+        if absent:
+            raise ValueError(_lacks(absent))
+    for name, tensor in staged:
+        want = shapes.get(name)
+        if want is not None and tuple(tensor.shape) != want:
+            # Our loaders narrow checkpoint tensors to this rank's shard, which would silently
+            # truncate a larger one; the full shape must match first.
+            raise ValueError(_mismatch_text(want, tuple(tensor.shape), name))
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -227,8 +239,46 @@ def validate_on_meta(model: torch.nn.Module, hf_config: Any, staged: list, dtype
         raise ValueError(_torch_wording(e)) from e
     missing = sorted(set(dict(twin.named_parameters())) - set(loaded))
     if missing:
-        shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
-        raise ValueError(f"the checkpoint lacks {len(missing)} weight(s): {shown}")
+        raise ValueError(_lacks(missing))
+
+
+def _lacks(names: list[str]) -> str:
+    return f"the checkpoint lacks {len(names)} weight(s): " + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def reference_checkpoint(hf_config: Any) -> tuple[dict[str, tuple], list[set[str]]]:
+    """What a checkpoint of the served model holds, from transformers' own class for its
+    architecture built on the meta device (no memory): name -> full (unsharded) shape, and the
+    groups of names of which one must be present (tied weights share one group). Our fused
+    parameters count as loaded once any shard arrives, so completeness is checked by name here.
+    Empty if transformers lacks the class."""
+    import transformers
+
+    for arch in getattr(hf_config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            continue
+        try:
+            with torch.device("meta"):
+                ref = cls(hf_config)
+        except Exception as e:  # a config transformers cannot build: the loaders' checks remain
+            logger.debug("no reference shapes from transformers.%s: %s", arch, e)
+            continue
+        state = ref.state_dict(keep_vars=True)
+        groups: dict[int, set[str]] = {}
+        for name, t in state.items():
+            groups.setdefault(id(t), set()).add(name)
+        return {name: tuple(t.shape) for name, t in state.items()}, list(groups.values())
+    return {}, []
+
+
+def _mismatch_text(live: tuple, ckpt: tuple, name: str) -> str:
+    """What torch's `live_param.copy_(checkpoint_tensor)` says about these shapes."""
+    try:
+        torch.empty(live, device="meta").copy_(torch.empty(ckpt, device="meta"))
+    except RuntimeError as e:
+        return _text(e)
+    return f"{name} has shape {list(ckpt)}, the served model {list(live)}"  # merely broadcastable
 
 
 def _torch_wording(err: Exception) -> str:
@@ -238,11 +288,7 @@ def _torch_wording(err: Exception) -> str:
     if not m:
         return _text(err)
     src, dst = (tuple(int(x) for x in g.split(",") if x.strip()) for g in m.groups())
-    try:
-        torch.empty(dst, device="meta").copy_(torch.empty(src, device="meta"))
-    except RuntimeError as torch_err:
-        return _text(torch_err)
-    return _text(err)  # shapes that merely broadcast: keep the loader's own words
+    return _mismatch_text(dst, src, "a checkpoint tensor")
 
 
 def restore_original_weights(runner: Any) -> Optional[str]:
