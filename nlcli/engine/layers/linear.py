@@ -54,7 +54,7 @@ class ColumnLinear(_Linear):
 
     def weight_loader(self, param, loaded, shard_id=None):
         n = param.shape[0]
-        _copy(param.data, loaded.narrow(0, self.tp_rank * n, n))
+        _copy(param.data, _shard(loaded, 0, self.tp_rank, n, n * self.tp_size))
 
 
 class MergedColumnLinear(_Linear):
@@ -68,7 +68,7 @@ class MergedColumnLinear(_Linear):
     def weight_loader(self, param, loaded, shard_id=None):
         n = self.local_sizes[shard_id]
         start = sum(self.local_sizes[:shard_id])
-        _copy(param.data.narrow(0, start, n), loaded.narrow(0, self.tp_rank * n, n))
+        _copy(param.data.narrow(0, start, n), _shard(loaded, 0, self.tp_rank, n, n * self.tp_size))
 
 
 class QKVLinear(MergedColumnLinear):
@@ -80,14 +80,14 @@ class QKVLinear(MergedColumnLinear):
         self.kv_replicas = max(1, tp_size // num_kv_heads) if num_kv_heads < tp_size else 1
         kv = max(num_kv_heads, tp_size) * head_dim
         super().__init__(hidden, [num_heads * head_dim, kv, kv], bias)
-        self.num_kv_heads_total = num_kv_heads
+        self.full_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
     def weight_loader(self, param, loaded, shard_id=None):
         idx = {"q": 0, "k": 1, "v": 2}[shard_id]
         n = self.local_sizes[idx]
         start = sum(self.local_sizes[:idx])
         rank = self.tp_rank if idx == 0 else self.tp_rank // self.kv_replicas
-        _copy(param.data.narrow(0, start, n), loaded.narrow(0, rank * n, n))
+        _copy(param.data.narrow(0, start, n), _shard(loaded, 0, rank, n, self.full_sizes[idx]))
 
 
 class RowLinear(_Linear):
@@ -100,7 +100,7 @@ class RowLinear(_Linear):
             _copy(param.data, loaded)
             return
         n = param.shape[1]
-        _copy(param.data, loaded.narrow(1, self.tp_rank * n, n))
+        _copy(param.data, _shard(loaded, 1, self.tp_rank, n, n * self.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -128,7 +128,26 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: O
     _copy(param.data, loaded)
 
 
+def _size_mismatch(live: int, loaded: int, dim: int) -> RuntimeError:
+    # torch's own wording (what copy_ says), which /update_weights reports verbatim.
+    return RuntimeError(
+        f"The size of tensor a ({live}) must match the size of tensor b ({loaded}) "
+        f"at non-singleton dimension {dim}"
+    )
+
+
+def _shard(loaded: torch.Tensor, dim: int, rank: int, n: int, full: int) -> torch.Tensor:
+    """This rank's slice of a checkpoint tensor, after checking the checkpoint's full size: a
+    larger checkpoint must never be silently truncated to fit."""
+    if loaded.shape[dim] != full:
+        raise _size_mismatch(full, loaded.shape[dim], dim)
+    return loaded.narrow(dim, rank * n, n)
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.shape != src.shape:
-        raise ValueError(f"weight shape mismatch: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
+        if dst.dim() != src.dim():
+            raise RuntimeError(f"weight rank mismatch: model {tuple(dst.shape)} vs checkpoint {tuple(src.shape)}")
+        dim = next(i for i, (a, b) in enumerate(zip(dst.shape, src.shape)) if a != b)
+        raise _size_mismatch(dst.shape[dim], src.shape[dim], dim)
     dst.copy_(src)
