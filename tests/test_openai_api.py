@@ -19,28 +19,6 @@ KEY = "sk-nl-test"
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}[assistant] {% endif %}")
 
-# Until http_server.create_app calls register_openai_routes itself, the server under test gets the
-# /v1 routes from this start-up hook (a no-op once the routes are there).
-SHIM = '''
-try:
-    import nlcli.engine.http_server as _hs
-    _orig = _hs.create_app
-
-    def _create_app(args, tm, model_info):
-        wrapped = _orig(args, tm, model_info)
-        inner = wrapped
-        while not hasattr(inner, "routes"):
-            inner = inner.app
-        if not any(getattr(r, "path", "") == "/v1/models" for r in inner.routes):
-            from nlcli.engine.openai_api import register_openai_routes
-            register_openai_routes(inner, tm, args)
-        return wrapped
-
-    _hs.create_app = _create_app
-except Exception:
-    pass
-'''
-
 
 class KeyedServer(LiveServer):
     """LiveServer whose readiness probe sends the API key (/health_generate is protected)."""
@@ -69,12 +47,7 @@ class KeyedServer(LiveServer):
 
 def start_server(tmpdir: str, args: list[str], env: dict | None = None, keyed: bool = True,
                  **kw) -> LiveServer:
-    shim_dir = os.path.join(tmpdir, "shim")
-    os.makedirs(shim_dir, exist_ok=True)
-    with open(os.path.join(shim_dir, "sitecustomize.py"), "w") as f:
-        f.write(SHIM)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return (KeyedServer if keyed else LiveServer)(tmpdir, args, env={"PYTHONPATH": f"{shim_dir}:{root}", **(env or {})}, **kw)
+    return (KeyedServer if keyed else LiveServer)(tmpdir, args, env=env, **kw)
 
 
 @pytest.fixture(scope="module")

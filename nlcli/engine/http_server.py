@@ -173,6 +173,10 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
             return _error(str(e))
         return Response(status_code=200)
 
+    from nlcli.engine.openai_api import register_openai_routes
+
+    register_openai_routes(app, tm, args)
+
     wrapped: Any = app
     wrapped = BodyLimitMiddleware(wrapped, args.max_request_bytes)
     if args.cors_origins:
