@@ -47,14 +47,17 @@ def _length(rng: random.Random, full: int, range_ratio: float) -> int:
 
 
 def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
-                    seed: int) -> list[BenchRequest]:
-    if not 0.0 <= range_ratio <= 1.0:
-        raise ValueError("--random-range-ratio must be between 0 and 1")
+                    seed: int, output_range_ratio: float | None = None) -> list[BenchRequest]:
+    """`output_range_ratio` (default: `range_ratio`) lets output lengths stay fixed while input
+    lengths vary, e.g. 48-384 input words with exactly 128 output tokens."""
+    out_ratio = range_ratio if output_range_ratio is None else output_range_ratio
+    if not (0.0 <= range_ratio <= 1.0 and 0.0 <= out_ratio <= 1.0):
+        raise ValueError("range ratios must be between 0 and 1")
     rng = random.Random(seed)
     out = []
     for _ in range(num_prompts):
         n_in = _length(rng, input_len, range_ratio)
-        n_out = _length(rng, output_len, range_ratio)
+        n_out = _length(rng, output_len, out_ratio)
         out.append(BenchRequest(_words(rng, n_in), n_out))
     return out
 

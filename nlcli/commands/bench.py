@@ -29,11 +29,14 @@ def bench(
     ctx: typer.Context,
     dataset_name: Annotated[str, _opt("random or shared-prefix.")] = "random",
     num_prompts: Annotated[int, _opt("Number of requests.", LOAD, min=1)] = 32,
-    random_input_len: Annotated[int, _opt("Input length in words (the maximum; see range ratio).",
+    random_input_len: Annotated[int, _opt("Input words (the maximum).",
                                           min=1)] = 384,
     random_output_len: Annotated[int, _opt("Output tokens per request (ignore_eos).", min=1)] = 128,
-    random_range_ratio: Annotated[float, _opt("Lengths are drawn uniformly from len x ratio to len.",
+    random_range_ratio: Annotated[float, _opt("Lengths are uniform in len x ratio..len.",
                                               min=0.0, max=1.0)] = 1.0,
+    output_ratio: Annotated[Optional[float], _opt(
+        "Output lengths only (default: the range ratio).", min=0.0, max=1.0,
+        show_default=False)] = None,
     shared_prefix_len: Annotated[int, _opt("shared-prefix: prefix length in words.", min=1)] = 700,
     shared_prefix_groups: Annotated[int, _opt("shared-prefix: number of distinct prefixes.",
                                               min=1)] = 1,
@@ -63,13 +66,14 @@ def bench(
         raise typer.BadParameter("must be positive (inf: all at once)", param_hint="--request-rate")
     if dataset_name == "random":
         reqs = datasets.random_requests(num_prompts, random_input_len, random_output_len,
-                                        random_range_ratio, seed)
+                                        random_range_ratio, seed, output_ratio)
     elif dataset_name == "shared-prefix":
         reqs = datasets.shared_prefix_requests(num_prompts, shared_prefix_len, question_len,
                                                random_output_len, shared_prefix_groups, seed)
     else:
         raise typer.BadParameter("choose random or shared-prefix", param_hint="--dataset-name")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines on stderr
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     import asyncio
 
     try:
@@ -87,7 +91,8 @@ def bench(
               "max_concurrency": max_concurrency,
               "request_rate": request_rate if math.isfinite(request_rate) else None,
               "random_input_len": random_input_len, "random_output_len": random_output_len,
-              "random_range_ratio": random_range_ratio, "seed": seed}
+              "random_range_ratio": random_range_ratio,
+              "output_ratio": output_ratio, "seed": seed}
     if dataset_name == "shared-prefix":
         config.update(shared_prefix_len=shared_prefix_len,
                       shared_prefix_groups=shared_prefix_groups, question_len=question_len)

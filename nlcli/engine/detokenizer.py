@@ -6,8 +6,9 @@ decode: `decode(ids[surr:])` minus `decode(ids[surr:read])` is the new text, whe
 markers, byte fallback) see the context they need. A window that ends in an incomplete UTF-8
 sequence (rendered as U+FFFD) is held back until the next token completes it.
 
-Stop strings are matched here, on text, since that is where text exists: the caller learns the
-matched string and the text is cut before it (unless no_stop_trim).
+Stop strings are matched on text: the engine's `StopChecker` runs the same algorithm one token at a
+time to end generation at the token where a stop string appears; the API process's copy cuts the
+text before it (unless no_stop_trim).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class IncrementalDetokenizer:
         self.stop = [s for s in stop if s]
         self.no_stop_trim = no_stop_trim
         self.matched_stop: Optional[str] = None
+        self.searched = 0  # text before this index holds no stop string
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, **self.kwargs)
@@ -53,12 +55,14 @@ class IncrementalDetokenizer:
         return self.text
 
     def _check_stop(self) -> None:
+        # Only text that arrived since the last search (plus an overlap) can hold a new match.
         for s in self.stop:
-            at = self.text.find(s)
+            at = self.text.find(s, max(self.searched - len(s) + 1, 0))
             if at != -1:
                 self.matched_stop = s
                 self.text = self.text[: at + len(s)] if self.no_stop_trim else self.text[:at]
                 return
+        self.searched = len(self.text)
 
     def visible_text(self) -> str:
         """Text safe to stream: a suffix that could start a stop string is not shown yet."""
@@ -71,3 +75,18 @@ class IncrementalDetokenizer:
                     hold = max(hold, k)
                     break
         return self.text[: len(self.text) - hold] if hold else self.text
+
+
+class StopChecker:
+    """The engine's stop-string check for one request: the same incremental detokenization as
+    the API process, so both agree on the token at which a stop string appears."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], sampling_params: Any):
+        sp = sampling_params
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, sp.skip_special_tokens,
+                                            sp.spaces_between_special_tokens, sp.stop)
+
+    def add(self, token_id: int) -> Optional[str]:
+        """Append one generated id; the matched stop string, once one appears."""
+        self.detok.add([token_id])
+        return self.detok.matched_stop

@@ -12,11 +12,13 @@ import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 
 HEARTBEAT_INTERVAL = 1.0
+GRAMMAR_POLL_MS = 5
 
 
 def configure_logging(level: str, prefix: str) -> None:
@@ -33,6 +35,14 @@ def _make_runner(server_args):
     from nlcli.engine.model_runner import ModelRunner
 
     return ModelRunner(server_args)
+
+
+def _preload_tokenizer(sched, log) -> None:
+    """Stop strings and grammars need the tokenizer in the engine; load it before serving."""
+    try:
+        sched.tokenizer
+    except Exception as e:  # a fake runner's dir may have none; such requests then fail alone
+        log.warning("No tokenizer in the engine (stop strings and grammars unavailable): %s", e)
 
 
 class _Watchdog(threading.Thread):
@@ -53,6 +63,9 @@ class _Watchdog(threading.Thread):
 
 
 def run_engine(server_args, in_addr: str, out_addr: str) -> None:
+    # Ctrl-C reaches the whole process group: the API process handles it and stops us with a
+    # ShutdownReq (or SIGTERM), so the engine must not die mid-step with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import zmq
 
     from nlcli.engine.io_struct import EngineReady, ShutdownReq
@@ -84,6 +97,8 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
         if hasattr(runner, "warmup"):
             runner.warmup()
         sched = Scheduler(server_args, runner, send_obj)
+        if getattr(runner.model_config, "is_generation", True):
+            _preload_tokenizer(sched, log)
     except Exception:
         log.exception("Engine failed to start")
         sys.exit(1)
@@ -104,7 +119,13 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
     poller.register(recv, zmq.POLLIN)
     last_beat = 0.0
     while True:
-        timeout = 0 if sched.has_work else int(HEARTBEAT_INTERVAL * 1000)
+        # Block on the socket when idle (no spinning); wake briefly while a grammar compiles.
+        if sched.can_run:
+            timeout = 0
+        elif sched.has_work:
+            timeout = GRAMMAR_POLL_MS
+        else:
+            timeout = int(HEARTBEAT_INTERVAL * 1000)
         if poller.poll(timeout):
             while True:
                 try:

@@ -2,7 +2,8 @@
 
 Middleware is plain ASGI (never BaseHTTPMiddleware, which hides `http.disconnect` and so breaks
 abort-on-disconnect): API key, request-body size cap, CORS. The OpenAI /v1 routes are added by
-openai_api.py when present.
+openai_api.py, /encode /classify /judge by embedding_manager.py, and the weight-update routes by
+weight_update_manager.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from nlcli import __version__
+from nlcli.engine.embedding_manager import NOT_GENERATION_MESSAGE, register_embedding_routes
 from nlcli.engine.tokenizer_manager import EngineDeadError, TokenizerManager, parse_generate
+from nlcli.engine.weight_update_manager import register_weight_update_routes
 
 logger = logging.getLogger("nlcli.http")
 
@@ -100,6 +103,8 @@ class _TooLarge(Exception):
 def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     app = FastAPI(title="nl", version=__version__)
     app.state.tm = tm
+    # A weight update changes model_path / load_format; the info routes read the current args.
+    app.state.server_args = args
 
     async def read_json(request: Request) -> Any:
         raw = await request.body()
@@ -110,6 +115,8 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
+        if tm.ready is not None and not tm.ready.is_generation:
+            return _error(NOT_GENERATION_MESSAGE)
         try:
             items, is_batch, stream = parse_generate(await read_json(request))
             states = tm.submit(items, stream)
@@ -135,12 +142,12 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     @app.get("/get_server_args")
     async def get_server_args():
-        return _json(dataclasses.asdict(args))
+        return _json(dataclasses.asdict(app.state.server_args))
 
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def get_server_info():
-        info = dataclasses.asdict(args)
+        info = dataclasses.asdict(app.state.server_args)
         info.update(status="ready", max_total_num_tokens=tm.pool_size, version=__version__)
         return _json(info)
 
@@ -176,6 +183,16 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     from nlcli.engine.openai_api import register_openai_routes
 
     register_openai_routes(app, tm, args)
+
+    register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+
+    def on_weights_updated(model_path: str, load_format: str) -> None:
+        app.state.server_args = app.state.server_args.replace(model_path=model_path,
+                                                              load_format=load_format)
+        tm.args = app.state.server_args
+        model_info["model_path"] = model_path
+
+    register_weight_update_routes(app, tm, on_weights_updated)
 
     wrapped: Any = app
     wrapped = BodyLimitMiddleware(wrapped, args.max_request_bytes)

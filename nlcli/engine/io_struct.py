@@ -1,7 +1,8 @@
 """IPC messages between the API process and the engine process (pickled over ZMQ).
 
-API -> engine: TokenizedGenerateReqInput, AbortReq, FlushCacheReq, ShutdownReq.
-Engine -> API: EngineReady (once), BatchTokenIDOut (output deltas), FlushCacheReqOutput,
+API -> engine: TokenizedGenerateReqInput, AbortReq, FlushCacheReq, UpdateWeightReq, ShutdownReq.
+Engine -> API: EngineReady (once), BatchTokenIDOut (output deltas), BatchEmbeddingOut (pooled
+vectors / scores of embedding servers), FlushCacheReqOutput, UpdateWeightReqOutput,
 Heartbeat (about once a second, with the scheduler's gauges).
 Plain dataclasses of builtins so the API process can unpickle them without torch model code.
 """
@@ -18,6 +19,9 @@ class TokenizedGenerateReqInput:
     input_ids: list[int]
     sampling_params: Any  # SamplingParams (picklable dataclass)
     stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k+1 .. P-1 (0: all)
+    top_logprobs_num: int = 0
 
 
 @dataclass
@@ -56,6 +60,20 @@ class EngineReady:
 
 
 @dataclass
+class LogprobDelta:
+    """Logprobs of one request that the API process has not seen yet (raw floats and ids).
+
+    Output lists align with the `new_token_ids` of the same entry; the input lists come once, in
+    the spec's order (first entry `(None, first prompt id)` when logprob_start_len is 0).
+    """
+
+    output_token_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
+    input_token_logprobs: Optional[list[tuple[Optional[float], int]]] = None
+    input_top_logprobs: Optional[list[Optional[list[tuple[float, int]]]]] = None
+
+
+@dataclass
 class BatchTokenIDOut:
     """One entry per request that produced something this step; ids are the new ones only."""
 
@@ -65,6 +83,8 @@ class BatchTokenIDOut:
     prompt_tokens: list[int]
     completion_tokens: list[int]
     cached_tokens: list[int]
+    # One per entry: None unless the request asked for logprobs.
+    logprobs: list[Optional[LogprobDelta]] = field(default_factory=list)
 
 
 @dataclass
@@ -76,3 +96,27 @@ class Heartbeat:
     cache_hit_rate: float = 0.0
     gen_throughput: float = 0.0
     num_retractions: int = 0
+
+
+@dataclass
+class BatchEmbeddingOut:
+    """Finished requests of an embedding server: one pooled vector (or head scores) each."""
+
+    rids: list[str]
+    embeddings: list[list[float]]
+    prompt_tokens: list[int]
+    cached_tokens: list[int]
+
+
+@dataclass
+class UpdateWeightReq:
+    model_path: str
+    load_format: Optional[str] = None
+
+
+@dataclass
+class UpdateWeightReqOutput:
+    success: bool
+    message: str
+    model_path: str  # what the engine serves afterwards (unchanged on failure)
+    load_format: str

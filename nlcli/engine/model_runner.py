@@ -8,6 +8,7 @@ Set-up order matters: free memory is measured before the weights load, so the KV
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -98,11 +99,41 @@ def _time_linear(dtype: torch.dtype, hidden: int, inter: int, rows: int = 16, re
     return best
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(base + "physical_package_id") as f, open(base + "core_id") as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        except OSError:
+            cores.add(("?", str(cpu)))
+    return len(cores) or (os.cpu_count() or 1)
+
+
+def cpu_threads(requested: Optional[int]) -> tuple[Optional[int], str]:
+    """torch's CPU thread count: --num-threads, else OMP_NUM_THREADS (torch already honours it),
+    else one per physical core minus one. OpenMP workers spin while waiting: a thread on an SMT
+    sibling or on the core the API process (HTTP, tokenizer, detokenizer) needs makes every step
+    wait for a descheduled spinner, which measured up to 4x slower decode on a busy 2-core box.
+    On a big machine one core less costs little."""
+    if requested:
+        return requested, "--num-threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, "OMP_NUM_THREADS"
+    cores = physical_cores()
+    return max(1, cores - 1), f"{cores} physical cores, one left for the API process"
+
+
 class ModelRunner:
     def __init__(self, server_args: ServerArgs, source: Optional[ModelSource] = None):
         self.server_args = server_args
-        if server_args.num_threads:
-            torch.set_num_threads(server_args.num_threads)
+        threads, why = cpu_threads(server_args.num_threads)
+        if threads:
+            torch.set_num_threads(threads)
+            logger.info("torch CPU threads: %d (%s)", threads, why)
         if server_args.random_seed is not None:
             torch.manual_seed(server_args.random_seed)
         self.source = source or resolve_model_source(

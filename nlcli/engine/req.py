@@ -19,12 +19,28 @@ _arrival = itertools.count()
 
 class Req:
     def __init__(self, rid: str, input_ids: list[int], sampling_params: Any, stream: bool = False,
-                 return_all_logits: bool = False):
+                 return_all_logits: bool = False, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
         self.stream = stream
-        self.return_all_logits = return_all_logits
+        self._return_all_logits = return_all_logits
+        # logprobs (see logprob_collector.py); input ones are computed once, at the first prefill
+        self.return_logprob = return_logprob
+        self.logprob_start_len = logprob_start_len if return_logprob else -1
+        self.top_logprobs_num = top_logprobs_num if return_logprob else 0
+        self.output_token_logprobs: list[float] = []
+        self.output_top_logprobs: list[list[tuple[float, int]]] = []
+        self.input_token_logprobs: Optional[list] = None
+        self.input_top_logprobs: Optional[list] = None
+        self.input_logprobs_sent = False
+        self.input_lp_acc: list[float] = []  # prompt rows gathered so far (chunked prefill)
+        self.input_top_acc: list = []
+        # finish helpers set by the scheduler: a text tail for stop strings, a grammar matcher
+        self.stop_checker = None
+        self.grammar = None
+        self.grammar_future = None
         self.arrival = next(_arrival)
         self.created = time.monotonic()
         self.output_ids: list[int] = []
@@ -70,6 +86,25 @@ class Req:
         return max(left, 0)
 
     @property
+    def needs_input_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not computed yet (a retracted request keeps its own)."""
+        return self.logprob_start_len >= 0 and self.input_token_logprobs is None
+
+    @property
+    def return_all_logits(self) -> bool:
+        return self._return_all_logits or self.needs_input_logprobs
+
+    @property
+    def max_prefix_match(self) -> int:
+        """How many leading tokens may come from the radix cache: the last one is always
+        recomputed (it yields the next-token logits), and prompt positions whose logprobs are
+        asked for must be recomputed too."""
+        limit = len(self.origin_input_ids) + len(self.output_ids) - 1
+        if self.needs_input_logprobs:
+            limit = min(limit, self.logprob_start_len)
+        return max(limit, 0)
+
+    @property
     def finished(self) -> bool:
         return self.finished_reason is not None
 
@@ -94,9 +129,20 @@ class Req:
         if last in eos_token_ids or last in stop_ids:
             self.finished_reason = {"type": "stop", "matched": last}
 
-    def finish_abort(self, message: str) -> None:
+    def check_stop_strings(self) -> None:
+        """Feed the newest token to the stop-string checker; stop strings fire despite ignore_eos
+        and min_new_tokens, but not after another finish."""
+        if self.stop_checker is None:
+            return
+        matched = self.stop_checker.add(self.output_ids[-1])
+        if matched is not None and self.finished_reason is None:
+            self.finished_reason = {"type": "stop", "matched": matched}
+
+    def finish_abort(self, message: str, status_code: Optional[int] = None) -> None:
         if self.finished_reason is None:
             self.finished_reason = {"type": "abort", "message": message}
+            if status_code is not None:
+                self.finished_reason["status_code"] = status_code
 
     def __repr__(self) -> str:
         return (f"Req(rid={self.rid!r}, input={len(self.origin_input_ids)}, "

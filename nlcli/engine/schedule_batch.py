@@ -15,7 +15,7 @@ import torch
 from nlcli.engine.forward_batch import ForwardBatch
 from nlcli.engine.mem_cache.radix_cache import RadixCache
 from nlcli.engine.req import Req
-from nlcli.engine.sampling.sampler import SamplingBatchInfo
+from nlcli.engine.sampling.sampler import SampleOutput, SamplingBatchInfo
 
 
 class KVMemory:
@@ -46,8 +46,8 @@ class KVMemory:
 
     # ---- requests ------------------------------------------------------------------------
     def lock_prefix(self, req: Req, ids: list[int]) -> None:
-        """Match `ids` minus its last token (always recomputed, so it yields logits) and lock it."""
-        prefix, node = self.tree.match_prefix(ids[:-1])
+        """Match the cacheable head of `ids` (see `Req.max_prefix_match`) and lock it."""
+        prefix, node = self.tree.match_prefix(ids[: min(len(ids) - 1, req.max_prefix_match)])
         self.tree.inc_lock_ref(node)
         req.prefix_indices, req.last_node = prefix, node
 
@@ -156,9 +156,11 @@ def prepare_decode(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
 
 
 def sample_next_ids(logits: torch.Tensor, reqs: list[Req], vocab_size: int,
-                    eos_token_ids=()) -> list[int]:
-    """Next token per request through the batched sampler (penalties, top-k/p, min_p, seeds)."""
+                    eos_token_ids=()) -> SampleOutput:
+    """Next token per request through the batched sampler (penalties, grammar masks, top-k/p,
+    min_p, seeds), with raw logprobs when any request asked for them."""
     info = SamplingBatchInfo.from_reqs(
         [(r.sampling_params, r.output_ids, r.origin_input_ids) for r in reqs],
-        vocab_size, logits.device, eos_token_ids=list(eos_token_ids))
-    return info.sample(logits[:, :vocab_size]).next_token_ids.tolist()
+        vocab_size, logits.device, eos_token_ids=list(eos_token_ids),
+        grammars=[r.grammar for r in reqs])
+    return info.sample(logits[:, :vocab_size], return_logprobs=any(r.return_logprob for r in reqs))

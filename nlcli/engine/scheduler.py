@@ -19,12 +19,20 @@ from collections import deque
 from typing import Callable, Optional
 
 from nlcli.engine.forward_batch import ForwardMode
+from nlcli.engine.detokenizer import StopChecker
+from nlcli.engine.grammar_queue import GrammarQueue, advance_grammars
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, FlushCacheReq, FlushCacheReqOutput,
                                     Heartbeat, TokenizedGenerateReqInput)
+from nlcli.engine.logprob_collector import (collect_input_logprobs, collect_output_logprobs,
+                                            logprob_delta)
 from nlcli.engine.mem_cache.radix_cache import RadixCache
 from nlcli.engine.req import Req
 from nlcli.engine.schedule_batch import KVMemory, prepare_decode, prepare_extend, sample_next_ids
 from nlcli.engine.schedule_policy import PrefillAdder, order_waiting
+from nlcli.engine.embedding_batch import (finish_embedding_batch, is_embedding_output,
+                                          takes_whole_inputs)
+from nlcli.engine.io_struct import UpdateWeightReq
+from nlcli.engine.weight_update_step import apply_weight_update
 
 logger = logging.getLogger("nlcli.scheduler")
 
@@ -37,15 +45,20 @@ class MemoryLeakError(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, server_args, runner, send: Callable[[object], None]):
+    def __init__(self, server_args, runner, send: Callable[[object], None], tokenizer=None):
         self.args = server_args
         self.runner = runner
         self.send = send
+        self._tokenizer = tokenizer  # stop strings and grammars need it; loaded on first use
         cfg = runner.model_config
         self.context_len = int(cfg.context_len)
         self.eos_ids = set(cfg.eos_token_ids or [])
         self.vocab_size = int(cfg.vocab_size)
-        self.tree = RadixCache(runner.token_to_kv_pool_allocator, disable=server_args.disable_radix_cache)
+        # Encoders (and non-last-token pooling) must see each input whole: no prefix, no chunks.
+        self.whole_inputs = takes_whole_inputs(getattr(runner, "model", None))
+        self.pending_update: Optional[UpdateWeightReq] = None
+        self.tree = RadixCache(runner.token_to_kv_pool_allocator,
+                               disable=server_args.disable_radix_cache or self.whole_inputs)
         self.mem = KVMemory(runner, self.tree)
         rows = int(runner.req_to_token_pool.available_size())
         self.max_running_requests = min(server_args.max_running_requests or rows, rows)
@@ -56,6 +69,8 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
         self.reqs: dict[str, Req] = {}
+        self.grammar_queue = GrammarQueue(lambda: self.tokenizer, self.vocab_size,
+                                          sorted(self.eos_ids))
         self.force_retract = os.environ.get("NL_TEST_RETRACT") == "1"
         self.strict_leak = os.environ.get("NL_TEST_STRICT_LEAK") == "1"
         # stats
@@ -76,26 +91,57 @@ class Scheduler:
             self._abort(msg)
         elif isinstance(msg, FlushCacheReq):
             self.send(FlushCacheReqOutput(success=self.flush_cache()))
+        elif isinstance(msg, UpdateWeightReq):
+            self.pending_update = msg  # applied by step() once nothing runs or waits
         else:
             logger.warning("scheduler: unknown message %r", type(msg).__name__)
 
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            src = getattr(self.runner, "source", None)
+            if src is None:
+                from nlcli.engine.model_source import resolve_model_source
+
+                src = resolve_model_source(self.args.model_path, self.args.is_embedding,
+                                           self.args.revision, self.args.download_dir)
+            self._tokenizer = src.load_tokenizer(self.args.tokenizer_path)
+        return self._tokenizer
+
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
-        req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream)
+        req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream,
+                  return_logprob=getattr(msg, "return_logprob", False),
+                  logprob_start_len=getattr(msg, "logprob_start_len", -1),
+                  top_logprobs_num=getattr(msg, "top_logprobs_num", 0))
         if len(req.origin_input_ids) >= min(self.context_len, self.mem.size):
             # The API process rejects these with a 400; this guards direct callers.
             req.finish_abort(f"The input ({len(req.origin_input_ids)} tokens) does not fit the "
                              f"KV cache pool ({self.mem.size} tokens) or context ({self.context_len}).")
             self._emit([req])
             return
+        sp = req.sampling_params
+        if getattr(sp, "stop", None):
+            try:
+                req.stop_checker = StopChecker(self.tokenizer, req.origin_input_ids, sp)
+            except Exception as e:  # no usable tokenizer in the engine
+                req.finish_abort(f"Stop strings are unavailable: {e}", status_code=400)
+                self._emit([req])
+                return
         self.reqs[req.rid] = req
-        self.waiting.append(req)
         self.books_checked = False
+        if getattr(sp, "grammar", None) is not None and req.max_new_tokens != 0:
+            self.grammar_queue.add(req)  # joins the waiting queue once its matcher is ready
+            return
+        self.waiting.append(req)
 
     def _abort(self, msg: AbortReq) -> None:
         targets = list(self.reqs.values()) if msg.abort_all else (
             [self.reqs[msg.rid]] if msg.rid in self.reqs else [])
         for req in targets:
-            if req in self.waiting:
+            if self.grammar_queue.remove(req):
+                req.finish_abort("Abort in waiting queue")
+                self._finish([req])
+            elif req in self.waiting:
                 logger.info("Abort queued request. req.rid=%s", req.rid)
                 self.waiting.remove(req)
                 self.mem.release(req)  # a retracted request may still hold nothing; harmless
@@ -108,11 +154,21 @@ class Scheduler:
     # ---- the step --------------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req or self.grammar_queue)
+
+    @property
+    def can_run(self) -> bool:
+        """Work a step can do now (requests waiting only for a grammar compile cannot run)."""
         return bool(self.waiting or self.running or self.chunked_req)
 
     def step(self) -> bool:
         """Run one batch if there is work; returns whether anything ran."""
         self._reap_aborted()
+        if self.pending_update is not None and not self.has_work:
+            update, self.pending_update = self.pending_update, None
+            self.send(apply_weight_update(self, update))
+        if self.grammar_queue:
+            self._admit_grammars()
         if not self.has_work:
             if not self.books_checked:
                 self.check_books()
@@ -123,6 +179,14 @@ class Scheduler:
             self._run_decode()
             return True
         return False
+
+    def _admit_grammars(self) -> None:
+        ready, failed = self.grammar_queue.poll()
+        self.waiting.extend(ready)
+        for req, message in failed:
+            req.finish_abort(message, status_code=400)
+        if failed:
+            self._finish([r for r, _ in failed])
 
     def _reap_aborted(self) -> None:
         gone = [r for r in self.running if r.to_abort]
@@ -141,7 +205,7 @@ class Scheduler:
         adder = PrefillAdder(
             self.mem, self.running + ([self.chunked_req] if self.chunked_req else []),
             max_prefill_tokens=self.max_prefill_tokens,
-            chunked_prefill_size=self.args.chunked_prefill_size,
+            chunked_prefill_size=-1 if self.whole_inputs else self.args.chunked_prefill_size,
             max_running_requests=self.max_running_requests,
             new_token_ratio=self.new_token_ratio, context_len=self.context_len)
         continuing = self.chunked_req
@@ -165,6 +229,10 @@ class Scheduler:
         self.total_cached += cached
         self.total_prefill += fb.num_tokens + cached
         out = self.runner.forward(fb)
+        if is_embedding_output(out):  # an embedding or reward model: nothing to decode
+            return finish_embedding_batch(self, batch_reqs, out, fb.num_tokens, cached)
+        if fb.return_all_logits:
+            collect_input_logprobs(batch_reqs, fb.extend_lens_cpu, out.all_logits)
         done = [r for r in batch_reqs if not r.is_chunked]
         for r in batch_reqs:
             if r.is_chunked:
@@ -181,11 +249,19 @@ class Scheduler:
         for r in reqs:
             if r.max_new_tokens == 0:
                 r.finished_reason = {"type": "length", "length": 0}
-        next_ids = (sample_next_ids(logits[[reqs.index(r) for r in live]], live, self.vocab_size,
-                                    self.eos_ids) if live else [])
+        next_ids: list[int] = []
+        if live:
+            sampled = sample_next_ids(logits[[reqs.index(r) for r in live]], live, self.vocab_size,
+                                      self.eos_ids)
+            next_ids = sampled.next_token_ids.tolist()
+            if sampled.next_token_logprobs is not None:
+                collect_output_logprobs(live, sampled)
         for r, tok in zip(live, next_ids):
             r.output_ids.append(tok)
             r.check_finished(self.eos_ids, self.context_len)
+        advance_grammars(live, next_ids)
+        for r in live:
+            r.check_stop_strings()
         self.gen_tokens_since_log += len(live)
         finished = [r for r in reqs if r.finished]
         keep = [r for r in reqs if not r.finished]
@@ -250,6 +326,7 @@ class Scheduler:
             out.prompt_tokens.append(len(r.origin_input_ids))
             out.completion_tokens.append(len(r.output_ids))
             out.cached_tokens.append(r.cached_tokens or 0)
+            out.logprobs.append(logprob_delta(r))
             r.num_sent = len(r.output_ids)
         self.send(out)
 

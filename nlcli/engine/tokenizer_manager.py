@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import threading
 import uuid
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import zmq
 import zmq.asyncio
 
 from nlcli.engine.detokenizer import IncrementalDetokenizer
+from nlcli.engine.generate_input import GenItem, parse_generate  # noqa: F401 (re-exported)
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
                                     FlushCacheReqOutput, Heartbeat, TokenizedGenerateReqInput)
+from nlcli.engine.logprob_meta import LogprobAccumulator
 from nlcli.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger("nlcli.tokenizer_manager")
@@ -32,110 +34,34 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-@dataclass
-class GenItem:
-    text: Optional[str]
-    input_ids: Optional[list[int]]
-    sampling: dict
-    rid: str
-
-
 class ReqState:
-    def __init__(self, rid: str, prompt_len: int, detok: IncrementalDetokenizer, stream: bool):
+    def __init__(self, rid: str, prompt_len: int, detok: IncrementalDetokenizer, stream: bool,
+                 logprobs: Optional[LogprobAccumulator] = None):
         self.rid = rid
         self.prompt_len = prompt_len
         self.detok = detok
         self.stream = stream
+        self.logprobs = logprobs
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.created = time.perf_counter()
         self.first_token_time: Optional[float] = None
 
 
-def _is_int_list(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+def _visible_ids(ids: list[int], finish: Optional[dict], no_stop_trim: bool) -> list[int]:
+    """The ids whose text the client sees: a matched stop token (EOS, stop_token_ids, a grammar's
+    end) is cut unless no_stop_trim, as upstream trims it (it always arrives last)."""
+    if (finish and finish.get("type") == "stop" and not no_stop_trim and ids
+            and isinstance(finish.get("matched"), int) and not isinstance(finish["matched"], bool)):
+        return ids[:-1]
+    return ids
 
 
-def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
-    """Normalize a /generate body into (items, is_batch, stream); ValueError names the field."""
-    if not isinstance(body, dict):
-        raise ValueError("The request body must be a JSON object.")
-    text, ids = body.get("text"), body.get("input_ids")
-    if body.get("input_embeds") is not None:
-        raise ValueError("input_embeds is not supported by this server.")
-    if text is None and ids is None:
-        raise ValueError("Either text, input_ids or input_embeds should be provided.")
-    if text is not None:
-        if isinstance(text, str):
-            prompts, is_batch = [text], False
-        elif isinstance(text, list) and all(isinstance(t, str) for t in text):
-            prompts, is_batch = list(text), True
-        else:
-            raise ValueError("text must be a string or a list of strings.")
-        if is_batch and not prompts:
-            raise ValueError("text must not be an empty list.")
-    if ids is not None:
-        if _is_int_list(ids) and ids:
-            id_prompts = [ids]
-        elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
-            id_prompts = list(ids)
-        else:
-            raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
-        if any(not x for x in id_prompts):
-            raise ValueError("input_ids must not be empty.")
-        if text is None:
-            is_batch = not _is_int_list(ids)
-        prompts = [None] * len(id_prompts)
-    else:
-        id_prompts = [None] * len(prompts)
-    if text is not None and ids is not None and len(prompts) != len(id_prompts):
-        raise ValueError("text and input_ids must have the same number of prompts.")
-    if any(p == "" for p in prompts if p is not None):
-        raise ValueError("text must not be empty.")
-
-    sp = body.get("sampling_params")
-    if isinstance(sp, list):
-        if len(sp) != len(prompts):
-            raise ValueError(f"sampling_params has {len(sp)} entries but the batch has "
-                             f"{len(prompts)} prompts.")
-        sps = sp
-    elif sp is None or isinstance(sp, dict):
-        sps = [sp or {}] * len(prompts)
-    else:
-        raise ValueError("sampling_params must be an object or a list of objects.")
-    for one in sps:
-        if not isinstance(one, dict):
-            raise ValueError("sampling_params must be an object or a list of objects.")
-    ns = {one.get("n", 1) for one in sps}
-    if len(ns) > 1:
-        raise ValueError("sampling_params.n must be the same for every prompt of a batch.")
-    n = ns.pop()
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
-
-    rid = body.get("rid")
-    if is_batch or n > 1:
-        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
-            raise ValueError("rid must be a list of strings when the input is a batch.")
-        if rid is not None and len(rid) != len(prompts):
-            raise ValueError(f"rid has {len(rid)} entries but the batch has {len(prompts)} prompts.")
-        rids = rid or [None] * len(prompts)
-    else:
-        if rid is not None and not isinstance(rid, str):
-            raise ValueError("rid must be a string.")
-        rids = [rid]
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ValueError("stream must be a boolean.")
-
-    items = []
-    for p, ip, one, r in zip(prompts, id_prompts, sps, rids):
-        for j in range(n):
-            sub = dict(one)
-            sub.pop("n", None)
-            base = r or uuid.uuid4().hex
-            items.append(GenItem(p, ip, sub, base if n == 1 else f"{base}-{j}"))
-    return items, is_batch or n > 1, stream
+def _import_grammar() -> None:
+    try:
+        import nlcli.engine.sampling.grammar  # noqa: F401
+    except Exception as e:  # requests with a grammar will report it
+        logger.warning("Structured output unavailable: %s", e)
 
 
 class TokenizerManager:
@@ -158,6 +84,10 @@ class TokenizerManager:
         self.flush_future: Optional[asyncio.Future] = None
         self.metrics = None  # set by http_server when --enable-metrics
         self._tasks: list[asyncio.Task] = []
+        # Extensions (embedding_manager, weight_update_manager): engine messages by type, and a
+        # filter that may hold outgoing messages back (returns False) while a weight update runs.
+        self.handlers: dict[type, Callable[[object], None]] = {}
+        self.send_filter: Optional[Callable[[object], bool]] = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def wait_ready(self, engine_alive: Callable[[], bool], timeout: float) -> EngineReady:
@@ -177,6 +107,9 @@ class TokenizerManager:
         raise RuntimeError(f"The engine did not become ready within {timeout:.0f} s.")
 
     def start(self, engine_alive: Callable[[], bool], on_dead: Callable[[], None]) -> None:
+        # The first constrained request would otherwise stall the event loop importing xgrammar.
+        if self.ready is None or self.ready.is_generation:
+            threading.Thread(target=_import_grammar, daemon=True, name="grammar-import").start()
         self._tasks.append(asyncio.create_task(self._recv_loop()))
         self._tasks.append(asyncio.create_task(self._watch(engine_alive, on_dead)))
 
@@ -204,6 +137,8 @@ class TokenizerManager:
 
     def _send(self, msg: object) -> None:
         if self.dead is None:
+            if self.send_filter is not None and not self.send_filter(msg):
+                return
             self.send_sock.send_pyobj(msg)
 
     # ---- engine outputs --------------------------------------------------------------------
@@ -220,6 +155,8 @@ class TokenizerManager:
             elif isinstance(msg, FlushCacheReqOutput):
                 if self.flush_future and not self.flush_future.done():
                     self.flush_future.set_result(msg.success)
+            elif type(msg) in self.handlers:
+                self.handlers[type(msg)](msg)
 
     def _on_tokens(self, msg: BatchTokenIDOut) -> None:
         now = time.perf_counter()
@@ -228,17 +165,22 @@ class TokenizerManager:
             if st is None or st.finished:
                 continue
             finish = msg.finished_reasons[i]
-            st.detok.add(msg.new_token_ids[i], final=finish is not None)
+            st.detok.add(_visible_ids(msg.new_token_ids[i], finish, st.detok.no_stop_trim),
+                         final=finish is not None)
             if finish is None and st.detok.matched_stop is not None:
                 finish = {"type": "stop", "matched": st.detok.matched_stop}
                 self._send(AbortReq(rid=rid, message="stop string matched"))
             if st.first_token_time is None and msg.completion_tokens[i]:
                 st.first_token_time = now
             text = st.detok.text if finish is not None else st.detok.visible_text()
-            out = {"text": text, "meta_info": {
-                "id": rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i],
-                "completion_tokens": msg.completion_tokens[i], "cached_tokens": msg.cached_tokens[i],
-                "e2e_latency": now - st.created}}
+            meta = {"id": rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i]}
+            if st.logprobs is not None:
+                st.logprobs.add(msg.logprobs[i] if i < len(msg.logprobs) else None,
+                                msg.new_token_ids[i])
+                meta.update(st.logprobs.meta())
+            meta.update(completion_tokens=msg.completion_tokens[i],
+                        cached_tokens=msg.cached_tokens[i], e2e_latency=now - st.created)
+            out = {"text": text, "meta_info": meta}
             if finish is not None:
                 st.finished = True
                 if self.metrics and not rid.startswith("HEALTH_CHECK"):
@@ -266,14 +208,29 @@ class TokenizerManager:
         sp = SamplingParams.from_dict(item.sampling)
         if self.ready.vocab_size:
             sp.verify_token_ids(self.ready.vocab_size)
+        if sp.grammar is not None:
+            from nlcli.engine.sampling.grammar import validate_grammar
+
+            validate_grammar(*sp.grammar)  # a bad grammar is a 400 here, never in the engine
+        logprobs = None
+        if item.return_logprob:
+            from nlcli.engine.sampling.logprobs import verify_logprob_args
+
+            verify_logprob_args(item.logprob_start_len, item.top_logprobs_num, n)
+            logprobs = LogprobAccumulator(self.tokenizer, item.top_logprobs_num,
+                                          item.return_text_in_logprobs)
         room = min(self.context_len, self.pool_size) - n - 1
         if sp.max_new_tokens is None or sp.max_new_tokens > room:
             sp.max_new_tokens = max(room, 0)
+            sp.min_new_tokens = min(sp.min_new_tokens, sp.max_new_tokens)
         if item.rid in self.states:
             raise ValueError(f"rid {item.rid!r} is already in use.")
         detok = IncrementalDetokenizer(self.tokenizer, ids, sp.skip_special_tokens,
                                        sp.spaces_between_special_tokens, sp.stop, sp.no_stop_trim)
-        return TokenizedGenerateReqInput(item.rid, list(ids), sp, stream), ReqState(item.rid, n, detok, stream)
+        msg = TokenizedGenerateReqInput(
+            item.rid, list(ids), sp, stream, return_logprob=item.return_logprob,
+            logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num)
+        return msg, ReqState(item.rid, n, detok, stream, logprobs)
 
     def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
         """Validate all items first (a bad one rejects the whole batch), then send them."""

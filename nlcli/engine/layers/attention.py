@@ -46,8 +46,11 @@ class Attention(nn.Module):
 @dataclass
 class _DecodeGroup:
     token_index: Optional[torch.Tensor]  # which rows of the flat token axis (None: all of them)
-    slots: torch.Tensor  # [n, max_len] KV slots, padding -> 0 (the dummy slot)
-    mask: torch.Tensor  # [n, 1, 1, max_len] True where attended
+    flat_slots: torch.Tensor  # [n * max_len] KV slots, row-major, padding -> 0 (the dummy slot)
+    max_len: int
+    # [n, 1, 1, max_len] additive float mask (0 attended, -inf padding); None when no row is padded.
+    # Additive and built once per forward: a bool mask is converted by SDPA in every layer.
+    mask: Optional[torch.Tensor]
 
 
 @dataclass
@@ -55,7 +58,7 @@ class _ExtendSeq:
     start: int
     end: int
     slots: torch.Tensor  # [seq_len]
-    mask: Optional[torch.Tensor]  # [extend_len, seq_len] bool, None when plain causal (no prefix)
+    mask: Optional[torch.Tensor]  # [extend_len, seq_len] additive, None when plain causal (no prefix)
 
 
 class TorchAttentionBackend:
@@ -72,10 +75,12 @@ class TorchAttentionBackend:
         device = batch.input_ids.device
         self.decode, self.extends = None, []
         if batch.forward_mode == ForwardMode.DECODE:
-            self.decode = self._plan_decode(req_to_token, batch.req_pool_indices, batch.seq_lens, None, batch.seq_lens_cpu)
+            self.decode = self._plan_decode(req_to_token, batch.req_pool_indices, batch.seq_lens, None,
+                                            batch.seq_lens_cpu)
             return
         # Mixed batch: requests adding one token share one batched call; the rest run one by one.
         one, start, rows_cpu = [], 0, None
+        kv_dtype = self.token_to_kv_pool.dtype
         for i, (pre, ext) in enumerate(zip(batch.prefix_lens_cpu, batch.extend_lens_cpu)):
             if ext == 1 and pre > 0:
                 one.append((i, start))
@@ -86,7 +91,9 @@ class TorchAttentionBackend:
                 slots = req_to_token[rows_cpu[i], :seq]
                 mask = None
                 if pre > 0:  # query j sits at position pre + j: bottom-right aligned causal mask
-                    mask = torch.ones(ext, seq, dtype=torch.bool, device=device).tril(diagonal=pre)
+                    allowed = torch.ones(ext, seq, dtype=torch.bool, device=device).tril(diagonal=pre)
+                    mask = torch.zeros(ext, seq, dtype=kv_dtype, device=device)
+                    mask.masked_fill_(~allowed, float("-inf"))
                 self.extends.append(_ExtendSeq(start, start + ext, slots, mask))
             start += ext
         if one:
@@ -97,43 +104,56 @@ class TorchAttentionBackend:
                 req_to_token, batch.req_pool_indices[idx], batch.seq_lens[idx], tok, lens_cpu
             )
 
-    @staticmethod
-    def _plan_decode(req_to_token, rows, seq_lens, token_index, seq_lens_cpu) -> _DecodeGroup:
+    def _plan_decode(self, req_to_token, rows, seq_lens, token_index, seq_lens_cpu) -> _DecodeGroup:
         max_len = max(seq_lens_cpu)
-        ar = torch.arange(max_len, device=rows.device)
-        mask = ar.unsqueeze(0) < seq_lens.unsqueeze(1)
-        slots = req_to_token[rows, :max_len].masked_fill(~mask, 0)
-        return _DecodeGroup(token_index, slots, mask[:, None, None, :])
+        slots = req_to_token[rows, :max_len]
+        mask = None
+        if min(seq_lens_cpu) != max_len:
+            valid = torch.arange(max_len, device=rows.device).unsqueeze(0) < seq_lens.unsqueeze(1)
+            slots = slots.masked_fill(~valid, 0)
+            mask = torch.zeros(valid.shape, dtype=self.token_to_kv_pool.dtype, device=rows.device)
+            mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        return _DecodeGroup(token_index, slots.reshape(-1), max_len, mask)
 
     def forward(self, q, k, v, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         self.token_to_kv_pool.set_kv_buffer(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        gqa = layer.num_heads != layer.num_kv_heads
         o = None
         if self.decode is not None:
             d = self.decode
-            qd = q if d.token_index is None else q[d.token_index]
-            kd = k_buf[d.slots].transpose(1, 2)  # [n, Hkv, L, D]
-            vd = v_buf[d.slots].transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                qd.unsqueeze(2).to(kd.dtype), kd, vd, attn_mask=d.mask, scale=layer.scaling, enable_gqa=gqa
-            ).squeeze(2).to(q.dtype)
+            out = self._decode(q if d.token_index is None else q[d.token_index], k_buf, v_buf, layer, d)
             if d.token_index is None:
                 return out
             o = torch.empty_like(q)
             o[d.token_index] = out
         if o is None:
             o = torch.empty_like(q)
+        gqa = layer.num_heads != layer.num_kv_heads
         for s in self.extends:
             qs = q[s.start : s.end].transpose(0, 1)  # [H, ext, D]
-            ks = k_buf[s.slots].transpose(0, 1)  # [Hkv, seq, D]
-            vs = v_buf[s.slots].transpose(0, 1)
+            ks = k_buf.index_select(0, s.slots).transpose(0, 1)  # [Hkv, seq, D]
+            vs = v_buf.index_select(0, s.slots).transpose(0, 1)
             out = F.scaled_dot_product_attention(
                 qs.to(ks.dtype), ks, vs, attn_mask=s.mask, is_causal=s.mask is None,
                 scale=layer.scaling, enable_gqa=gqa,
             )
             o[s.start : s.end] = out.transpose(0, 1).to(q.dtype)
         return o
+
+    @staticmethod
+    def _decode(q, k_buf, v_buf, layer: Attention, d: _DecodeGroup) -> torch.Tensor:
+        """q [n, H, D] -> [n, H, D]: one query token per request over its padded slots.
+
+        index_select on the flat slot list is several times faster on CPU than advanced indexing
+        with a 2-D index. The query heads that share a KV head go in SDPA's query-length axis
+        ([n, Hkv, H/Hkv, D]): no mask is causal here, so this is exact and K/V are never repeated
+        per query head (what enable_gqa does)."""
+        n, hkv, dim = q.shape[0], layer.num_kv_heads, layer.head_dim
+        kd = k_buf.index_select(0, d.flat_slots).view(n, d.max_len, hkv, dim).transpose(1, 2)
+        vd = v_buf.index_select(0, d.flat_slots).view(n, d.max_len, hkv, dim).transpose(1, 2)
+        qg = q.reshape(n, hkv, layer.num_heads // hkv, dim).to(kd.dtype)
+        out = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=d.mask, scale=layer.scaling)
+        return out.reshape(n, layer.num_heads, dim).to(q.dtype)
 
 
 class TritonAttentionBackend:

@@ -1,0 +1,265 @@
+"""The API process's side of embedding and reward models: /encode, /classify and /judge.
+
+Validates the body (`text` or `input_ids`, single or list, `rid`), tokenizes the way
+sentence-transformers does for the served checkpoint (special tokens added; lowercased when it
+says `do_lower_case`; truncated to its `max_seq_length`, else over-long inputs are a 400), sends
+each input to the engine as a zero-token generate request, and answers with the engine's pooled
+vector or the reward head's scores: `{"embedding": [...], "meta_info": {"id", "prompt_tokens"}}`,
+a list for a list. Requests live in the TokenizerManager's table like generations do, so engine
+death, client disconnects and weight updates see them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
+from nlcli.engine.tokenizer_manager import EngineDeadError, ReqState
+
+logger = logging.getLogger("nlcli.embedding")
+
+NOT_EMBEDDING_MESSAGE = (
+    "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
+    "when launching the server or try another model.")
+NOT_GENERATION_MESSAGE = (
+    "This server runs an embedding or reward model (--is-embedding), which cannot generate text. "
+    "Use /encode or /classify, or launch the server without --is-embedding.")
+NO_INPUT_MESSAGE = "Either text or input_ids should be provided."
+_FINISH = {"type": "length", "length": 0}
+
+
+@dataclass
+class EmbedItem:
+    text: Optional[str]
+    input_ids: Optional[list[int]]
+    rid: str
+
+
+def _is_int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
+    """Normalize an /encode body into (items, is_batch); ValueError with the field's problem."""
+    if not isinstance(body, dict):
+        raise ValueError("The request body must be a JSON object.")
+    text, ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (ids is None):
+        raise ValueError(NO_INPUT_MESSAGE)
+    if text is not None:
+        if isinstance(text, str):
+            prompts, is_batch = [text], False
+        elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            prompts, is_batch = list(text), True
+        else:
+            raise ValueError("text must be a string or a non-empty list of strings.")
+        if any(p == "" for p in prompts):
+            raise ValueError("text must not be empty.")
+        inputs = [(p, None) for p in prompts]
+    else:
+        if _is_int_list(ids) and ids:
+            id_prompts, is_batch = [ids], False
+        elif isinstance(ids, list) and ids and all(_is_int_list(x) and x for x in ids):
+            id_prompts, is_batch = list(ids), True
+        else:
+            raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
+        inputs = [(None, list(x)) for x in id_prompts]
+    rid = body.get("rid")
+    if is_batch:
+        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
+            raise ValueError("rid must be a list of strings when the input is a batch.")
+        if rid is not None and len(rid) != len(inputs):
+            raise ValueError(f"rid has {len(rid)} entries but the batch has {len(inputs)} inputs.")
+        rids = rid or [None] * len(inputs)
+    else:
+        if rid is not None and not isinstance(rid, str):
+            raise ValueError("rid must be a string.")
+        rids = [rid]
+    items = [EmbedItem(t, i, r or uuid.uuid4().hex) for (t, i), r in zip(inputs, rids)]
+    if len({it.rid for it in items}) != len(items):
+        raise ValueError("rid entries must be distinct.")
+    return items, is_batch
+
+
+class _NoText:
+    """Stands in for the detokenizer: an embedding request has no text, but an engine-side abort
+    still arrives as a token delta and must pass through the TokenizerManager unharmed."""
+
+    text = ""
+    matched_stop = None
+
+    def add(self, new_ids, final: bool = False) -> str:
+        return ""
+
+    def visible_text(self) -> str:
+        return ""
+
+
+class EmbeddingState(ReqState):
+    def __init__(self, rid: str, prompt_len: int):
+        super().__init__(rid, prompt_len, _NoText(), False)
+
+
+class EmbeddingManager:
+    def __init__(self, tm, args):
+        self.tm = tm
+        self.args = args
+        self._config = None
+        tm.handlers[BatchEmbeddingOut] = self.on_output
+
+    @property
+    def serves_embeddings(self) -> bool:
+        ready = self.tm.ready
+        return ready is not None and not ready.is_generation
+
+    # ---- tokenization ----------------------------------------------------------------------
+    def embedding_config(self):
+        """The checkpoint's sentence-transformers tokenization settings (read once)."""
+        if self._config is None:
+            from nlcli.engine.embedding_config import EmbeddingConfig, read_embedding_config
+            from nlcli.engine.model_source import resolve_model_source
+
+            try:
+                src = resolve_model_source(self.args.model_path, True, self.args.revision,
+                                           self.args.download_dir)
+                self._config = read_embedding_config(src.local_dir)
+            except Exception as e:  # the engine loaded it, so only the extras can be missing
+                logger.warning("No sentence-transformers settings for %s: %s", self.args.model_path, e)
+                self._config = EmbeddingConfig("cls", True)
+        return self._config
+
+    def tokenize(self, text: str) -> list[int]:
+        cfg = self.embedding_config()
+        if cfg.do_lower_case:
+            text = text.lower()
+        if cfg.max_seq_length:
+            # sentence-transformers truncates to max_seq_length, special tokens included.
+            return list(self.tm.tokenizer(text, truncation=True, max_length=cfg.max_seq_length)["input_ids"])
+        return list(self.tm.tokenizer(text)["input_ids"])
+
+    def _prepare(self, item: EmbedItem) -> tuple[TokenizedGenerateReqInput, EmbeddingState]:
+        ready = self.tm.ready
+        if item.input_ids is not None:
+            ids = item.input_ids
+            bad = [t for t in ids if t < 0 or (ready.vocab_size and t >= ready.vocab_size)]
+            if bad:
+                raise ValueError(f"input_ids contains {bad[0]}, which is out of the vocabulary "
+                                 f"(size {ready.vocab_size}).")
+        else:
+            ids = self.tokenize(item.text)
+        n, context = len(ids), self.tm.context_len
+        if n >= context:
+            raise ValueError(f"The input ({n} tokens) is longer than the model's context length "
+                             f"({context} tokens).")
+        if n >= self.tm.pool_size:
+            raise ValueError(f"The input ({n} tokens) is longer than the KV cache pool "
+                             f"({self.tm.pool_size} tokens).")
+        if item.rid in self.tm.states:
+            raise ValueError(f"rid {item.rid!r} is already in use.")
+        from nlcli.engine.sampling.params import SamplingParams
+
+        msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0))
+        return msg, EmbeddingState(item.rid, n)
+
+    def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:
+        tm = self.tm
+        if tm.dead is not None:
+            raise EngineDeadError(tm.dead)
+        if tm.draining:
+            raise EngineDeadError("The server is shutting down.")
+        prepared = [self._prepare(it) for it in items]
+        for msg, st in prepared:
+            tm.states[st.rid] = st
+            tm._send(msg)
+        return [st for _, st in prepared]
+
+    # ---- engine outputs --------------------------------------------------------------------
+    def on_output(self, msg: BatchEmbeddingOut) -> None:
+        for rid, vec, n in zip(msg.rids, msg.embeddings, msg.prompt_tokens):
+            st = self.tm.states.get(rid)
+            if st is None or st.finished:
+                continue
+            st.finished = True
+            if isinstance(st, EmbeddingState):
+                out = {"embedding": vec, "meta_info": {"id": rid, "finish_reason": _FINISH,
+                                                       "prompt_tokens": n}}
+            else:
+                # A generate request reached an embedding engine (the /health_generate probe,
+                # /v1/completions): it ran, but there is no text to give back.
+                out = {"text": "", "meta_info": {
+                    "id": rid, "finish_reason": {"type": "abort", "status_code": 400,
+                                                 "message": NOT_GENERATION_MESSAGE},
+                    "prompt_tokens": n, "completion_tokens": 0, "cached_tokens": 0}}
+            st.queue.put_nowait(out)
+
+    # ---- the route -------------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response:
+        if not self.serves_embeddings:
+            return _error(NOT_EMBEDDING_MESSAGE)
+        try:
+            items, is_batch = parse_encode(_loads(await request.body()))
+            states = self.submit(items)
+        except ValueError as e:
+            return _error(str(e))
+        except EngineDeadError as e:
+            return _error(str(e), 503)
+        work = asyncio.ensure_future(asyncio.gather(*(self.tm.next_output(st) for st in states)))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            self.tm.abort([st.rid for st in states], "Client disconnected")
+            return Response(status_code=499)
+        try:
+            outs = work.result()
+        except EngineDeadError as e:
+            return _error(str(e), 503)
+        for out in outs:
+            if "embedding" not in out:  # aborted in the engine
+                reason = out["meta_info"]["finish_reason"] or {}
+                return _error(reason.get("message", "The request was aborted."),
+                              reason.get("status_code", 500))
+        shaped = [{"embedding": o["embedding"],
+                   "meta_info": {"id": o["meta_info"]["id"],
+                                 "prompt_tokens": o["meta_info"]["prompt_tokens"]}} for o in outs]
+        return _json(shaped if is_batch else shaped[0])
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw or b"null")
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"Malformed JSON body: {e}") from None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _error(message: str, status: int = 400) -> Response:
+    return _json({"error": {"message": message}}, status)
+
+
+def register_embedding_routes(app, tm, args) -> EmbeddingManager:
+    """/encode, /classify and the older /judge (POST or PUT), all answered alike."""
+    manager = EmbeddingManager(tm, args)
+    for path in ("/encode", "/classify", "/judge"):
+        app.add_api_route(path, manager.handle, methods=["POST", "PUT"])
+    return manager

@@ -1,0 +1,155 @@
+"""The native /generate body, normalized: one `GenItem` per engine request.
+
+Single vs batch, text vs input_ids, per-prompt or shared sampling_params, n > 1 expansion
+(prompt-major, rids `<rid>-<j>`, sample j seeded with seed + j), and the top-level logprob
+arguments. Every rejection is a ValueError whose text is the 400 message naming the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from nlcli.engine.sampling.params import MAX_SEED
+
+
+@dataclass
+class GenItem:
+    text: Optional[str]
+    input_ids: Optional[list[int]]
+    sampling: dict
+    rid: str
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+
+
+def _is_int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
+    """Normalize a /generate body into (items, is_batch, stream); ValueError names the field."""
+    if not isinstance(body, dict):
+        raise ValueError("The request body must be a JSON object.")
+    text, ids = body.get("text"), body.get("input_ids")
+    if body.get("input_embeds") is not None:
+        raise ValueError("input_embeds is not supported by this server.")
+    if text is None and ids is None:
+        raise ValueError("Either text, input_ids or input_embeds should be provided.")
+    if text is not None:
+        if isinstance(text, str):
+            prompts, is_batch = [text], False
+        elif isinstance(text, list) and all(isinstance(t, str) for t in text):
+            prompts, is_batch = list(text), True
+        else:
+            raise ValueError("text must be a string or a list of strings.")
+        if is_batch and not prompts:
+            raise ValueError("text must not be an empty list.")
+    if ids is not None:
+        if _is_int_list(ids) and ids:
+            id_prompts = [ids]
+        elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
+            id_prompts = list(ids)
+        else:
+            raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
+        if any(not x for x in id_prompts):
+            raise ValueError("input_ids must not be empty.")
+        if text is None:
+            is_batch = not _is_int_list(ids)
+        prompts = [None] * len(id_prompts)
+    else:
+        id_prompts = [None] * len(prompts)
+    if text is not None and ids is not None and len(prompts) != len(id_prompts):
+        raise ValueError("text and input_ids must have the same number of prompts.")
+    if any(p == "" for p in prompts if p is not None):
+        raise ValueError("text must not be empty.")
+
+    sp = body.get("sampling_params")
+    if isinstance(sp, list):
+        if len(sp) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sp)} entries but the batch has "
+                             f"{len(prompts)} prompts.")
+        sps = sp
+    elif sp is None or isinstance(sp, dict):
+        sps = [sp or {}] * len(prompts)
+    else:
+        raise ValueError("sampling_params must be an object or a list of objects.")
+    for one in sps:
+        if not isinstance(one, dict):
+            raise ValueError("sampling_params must be an object or a list of objects.")
+    ns = {one.get("n", 1) for one in sps}
+    if len(ns) > 1:
+        raise ValueError("sampling_params.n must be the same for every prompt of a batch.")
+    n = ns.pop()
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
+
+    rid = body.get("rid")
+    if is_batch or n > 1:
+        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
+            raise ValueError("rid must be a list of strings when the input is a batch.")
+        if rid is not None and len(rid) != len(prompts):
+            raise ValueError(f"rid has {len(rid)} entries but the batch has {len(prompts)} prompts.")
+        rids = rid or [None] * len(prompts)
+    else:
+        if rid is not None and not isinstance(rid, str):
+            raise ValueError("rid must be a string.")
+        rids = [rid]
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValueError("stream must be a boolean.")
+
+    lp = _logprob_args(body, len(prompts), n)
+    items = []
+    for i, (p, ip, one, r) in enumerate(zip(prompts, id_prompts, sps, rids)):
+        base = r or uuid.uuid4().hex
+        for j in range(n):
+            sub = _nth_sample(one, j) if n > 1 else dict(one)
+            sub.pop("n", None)
+            items.append(GenItem(p, ip, sub, base if n == 1 else f"{base}-{j}",
+                                 lp["return_logprob"][i], lp["logprob_start_len"][i],
+                                 lp["top_logprobs_num"][i], lp["return_text_in_logprobs"][i]))
+    return items, is_batch or n > 1, stream
+
+
+def _nth_sample(sampling: dict, j: int) -> dict:
+    """Sample j of a seeded n > 1 request draws with seed + j, so the n samples differ yet each
+    is reproducible."""
+    sub = dict(sampling)
+    for key in ("seed", "sampling_seed"):
+        seed = sub.get(key)
+        if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
+            sub[key] = (seed + j) % (MAX_SEED + 1)
+    return sub
+
+
+_LOGPROB_ARGS = {"return_logprob": (bool, False), "logprob_start_len": (int, -1),
+                 "top_logprobs_num": (int, 0), "return_text_in_logprobs": (bool, False)}
+
+
+def _logprob_args(body: dict, num_prompts: int, n: int) -> dict[str, list]:
+    """Each top-level logprob argument as one value per prompt (a list is allowed when n == 1)."""
+    out = {}
+    for key, (kind, default) in _LOGPROB_ARGS.items():
+        value = body.get(key)
+        if value is None:
+            value = default
+        if isinstance(value, list) and key != "return_text_in_logprobs":
+            if n > 1:
+                raise ValueError(f"{key} must be a single value when n > 1.")
+            if len(value) != num_prompts:
+                raise ValueError(f"{key} has {len(value)} entries but the batch has "
+                                 f"{num_prompts} prompts.")
+            values = list(value)
+        else:
+            values = [value] * num_prompts
+        for v in values:
+            if isinstance(v, bool) != (kind is bool) or not isinstance(v, kind):
+                raise ValueError(f"{key} must be {'a boolean' if kind is bool else 'an integer'}, "
+                                 f"got {v!r}.")
+        out[key] = values
+    return out
+

@@ -1,0 +1,109 @@
+"""The choreography of a hot weight update (`/update_weights`, `/update_weights_from_disk`).
+
+API process: one update at a time (a second one is refused at once with SGLang's message); new
+requests are held in the API process while it waits for every request already sent to the
+engine to finish, then the engine is asked to update; held requests go out once it answered, in
+their arrival order, so they run on whichever weights are then served. On success the server
+args and model info report the new `model_path` / `load_format`.
+
+The engine's half is `nlcli.engine.weight_update_step`. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Optional
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from nlcli.engine.io_struct import TokenizedGenerateReqInput, UpdateWeightReq, UpdateWeightReqOutput
+
+logger = logging.getLogger("nlcli.weight_update")
+
+BUSY_MESSAGE = "Another update is in progress. Please try again later."
+_POLL = 0.01
+
+
+class WeightUpdateManager:
+    def __init__(self, tm, on_success: Callable[[str, str], None]):
+        self.tm = tm
+        self.on_success = on_success
+        self.lock = asyncio.Lock()
+        self.result: Optional[asyncio.Future] = None
+        self.held: list[TokenizedGenerateReqInput] = []
+        tm.handlers[UpdateWeightReqOutput] = self._on_result
+
+    def _hold(self, msg: object) -> bool:
+        """TokenizerManager send filter while an update is under way: False keeps `msg` here."""
+        if isinstance(msg, TokenizedGenerateReqInput):
+            self.held.append(msg)
+            return False
+        return True
+
+    def _on_result(self, msg: UpdateWeightReqOutput) -> None:
+        if self.result is not None and not self.result.done():
+            self.result.set_result(msg)
+
+    async def update(self, model_path: str, load_format: Optional[str]) -> tuple[bool, str]:
+        if self.lock.locked():
+            return False, BUSY_MESSAGE
+        async with self.lock:
+            tm = self.tm
+            self.held = []
+            tm.send_filter = self._hold
+            try:
+                in_flight = [st for st in tm.states.values() if not st.finished]
+                if in_flight:
+                    logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
+                while any(not st.finished for st in in_flight):
+                    if tm.dead is not None:
+                        return False, f"Failed to update weights: {tm.dead}"
+                    await asyncio.sleep(_POLL)
+                self.result = asyncio.get_running_loop().create_future()
+                tm._send(UpdateWeightReq(model_path, load_format))
+                while not self.result.done():
+                    if tm.dead is not None:
+                        return False, f"Failed to update weights: {tm.dead}"
+                    await asyncio.wait({self.result}, timeout=0.2)
+                out: UpdateWeightReqOutput = self.result.result()
+            finally:
+                tm.send_filter = None
+                self._release_held()
+            if out.success:
+                self.on_success(out.model_path, out.load_format)
+            return out.success, out.message
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, []
+        for msg in held:
+            st = self.tm.states.get(msg.rid)
+            if st is not None and not st.finished:  # not abandoned while it waited
+                self.tm._send(msg)
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            body = orjson.loads((await request.body()) or b"null")
+        except orjson.JSONDecodeError as e:
+            return _result(False, f"Malformed JSON body: {e}")
+        if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
+            return _result(False, "model_path must be a string.")
+        load_format = body.get("load_format")
+        if load_format is not None and not isinstance(load_format, str):
+            return _result(False, "load_format must be a string or null.")
+        success, message = await self.update(body["model_path"], load_format)
+        return _result(success, message)
+
+
+def _result(success: bool, message: str) -> Response:
+    return Response(orjson.dumps({"success": success, "message": message}),
+                    status_code=200 if success else 400, media_type="application/json")
+
+
+def register_weight_update_routes(app, tm, on_success: Callable[[str, str], None]) -> WeightUpdateManager:
+    manager = WeightUpdateManager(tm, on_success)
+    for path in ("/update_weights_from_disk", "/update_weights"):
+        app.add_api_route(path, manager.handle, methods=["POST"])
+    return manager
