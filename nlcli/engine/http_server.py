@@ -194,6 +194,11 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     register_weight_update_routes(app, tm, on_weights_updated)
 
+    if args.enable_metrics:
+        from nlcli.engine.metrics import mount_metrics
+
+        mount_metrics(app, tm, args)
+
     wrapped: Any = app
     wrapped = BodyLimitMiddleware(wrapped, args.max_request_bytes)
     if args.cors_origins:

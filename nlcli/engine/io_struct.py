@@ -96,6 +96,9 @@ class Heartbeat:
     cache_hit_rate: float = 0.0
     gen_throughput: float = 0.0
     num_retractions: int = 0
+    kv_available: int = 0
+    kv_evictable: int = 0
+    kv_used: int = 0
 
 
 @dataclass

@@ -397,4 +397,6 @@ class Scheduler:
                          num_queue_reqs=len(self.waiting) + bool(self.chunked_req),
                          num_used_tokens=self.mem.used(), token_usage=self._usage(),
                          cache_hit_rate=self._hit_rate() / 100.0,
-                         gen_throughput=self.last_throughput, num_retractions=self.num_retractions)
+                         gen_throughput=self.last_throughput, num_retractions=self.num_retractions,
+                         kv_available=int(self.mem.allocator.available_size()),
+                         kv_evictable=int(self.tree.evictable_size()), kv_used=self.mem.used())
