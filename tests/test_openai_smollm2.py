@@ -61,8 +61,6 @@ def test_greedy_chat_equals_generate(client, server, tok):
     assert r.usage.prompt_tokens == len(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="grammar masks are not wired into the scheduler yet "
-                   "(issue 4); remove this mark when they are")
 def test_response_format_json_schema_and_json_object(client):
     msgs = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
     r = client.chat.completions.create(

@@ -11,6 +11,7 @@ Its vocabulary matches `write_byte_tokenizer`: ids 0..255 are bytes, 256 is EOS.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from types import SimpleNamespace
@@ -116,14 +117,22 @@ class FakeModelRunner:
         self.forward_calls.append(batch)
         kv = self.token_to_kv_pool.kv
         kv[batch.out_cache_loc] = batch.input_ids
-        logits = torch.zeros((batch.batch_size, VOCAB))
         r2t = self.req_to_token_pool.req_to_token
+        # One row per new token with return_all_logits (prompt logprobs), else per request.
+        ends = []
         for i in range(batch.batch_size):
-            row, n = int(batch.req_pool_indices[i]), batch.seq_lens_cpu[i]
-            context = kv[r2t[row, :n]].tolist()
+            n, ext = batch.seq_lens_cpu[i], batch.extend_lens_cpu[i]
+            first = n - ext + 1 if batch.return_all_logits else n
+            ends += [(i, e) for e in range(first, n + 1)]
+        logits = torch.zeros((len(ends), VOCAB))
+        for j, (i, n) in enumerate(ends):
+            context = kv[r2t[int(batch.req_pool_indices[i]), :n]].tolist()
             assert -1 not in context, "read a KV slot that was never written"
-            logits[i, next_token(context)] = 1.0
-        return LogitsOutput(next_token_logits=logits)
+            logits[j, next_token(context)] = 1.0
+        if not batch.return_all_logits:
+            return LogitsOutput(next_token_logits=logits)
+        last = torch.tensor(list(itertools.accumulate(batch.extend_lens_cpu))) - 1
+        return LogitsOutput(next_token_logits=logits[last], all_logits=logits)
 
 
 def greedy(max_new_tokens, **kw):

@@ -72,7 +72,7 @@ class ServerArgs:
     disable_radix_cache: bool = _arg(False, "Turn off prefix caching.")
     watchdog_timeout: float = _arg(300.0, "Kill the engine if one step takes longer (seconds).")
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
-    num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else physical cores minus one).")
+    num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
     # Parallelism (single process group for now; flags kept for compatibility)
     tp_size: int = _arg(1, "Tensor parallel size.")

@@ -115,16 +115,16 @@ def physical_cores() -> int:
 
 def cpu_threads(requested: Optional[int]) -> tuple[Optional[int], str]:
     """torch's CPU thread count: --num-threads, else OMP_NUM_THREADS (torch already honours it),
-    else one per physical core minus one. OpenMP workers spin while waiting: a thread on an SMT
-    sibling or on the core the API process (HTTP, tokenizer, detokenizer) needs makes every step
-    wait for a descheduled spinner, which measured up to 4x slower decode on a busy 2-core box.
-    On a big machine one core less costs little."""
+    else one per physical core. SMT siblings are left out: OpenMP workers spin while waiting, and
+    a worker sharing a core makes every step wait for a descheduled spinner. Leaving a core for
+    the API process was measured too (benchmarks/README.md): on 2 cores it cost 35% of prefill
+    speed for no decode gain, so only a machine shared with other heavy work should go lower."""
     if requested:
         return requested, "--num-threads"
     if os.environ.get("OMP_NUM_THREADS"):
         return None, "OMP_NUM_THREADS"
     cores = physical_cores()
-    return max(1, cores - 1), f"{cores} physical cores, one left for the API process"
+    return cores, "one per physical core"
 
 
 class ModelRunner:
