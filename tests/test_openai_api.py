@@ -25,25 +25,6 @@ class KeyedServer(LiveServer):
 
     api_key = KEY
 
-    def _wait(self, timeout: float) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nl serve exited with {self.proc.returncode}:\n{self.log()}")
-            if "fired up and ready to roll" in self.log():
-                try:
-                    r = httpx.get(self.url + "/health_generate", headers=headers, timeout=30)
-                    if r.status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"nl serve did not start in {timeout} s:\n{self.log()}")
-
 
 def start_server(tmpdir: str, args: list[str], env: dict | None = None, keyed: bool = True,
                  **kw) -> LiveServer:

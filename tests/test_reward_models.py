@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from nlcli.engine.layers.attention import TorchAttentionBackend
 from nlcli.engine.mem_cache.pool import ReqToTokenPool, TokenToKVPool, TokenToKVPoolAllocator
 from nlcli.engine.models import decoder_embedding, sequence_classification
-from tests.tiny_models import ARCHITECTURES, EngineDriver, tiny_config
+from tests.tiny_models import ARCHITECTURES, EngineDriver, randomize_weights, tiny_config
 
 VOCAB = 96
 LENGTHS = (9, 1, 17)
@@ -54,14 +54,7 @@ class _Runner:
 def _randomize(model) -> None:
     # Default init (std 0.02) gives near-zero scores; larger weights make 1e-4 a real test.
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0, 0.05)
+    randomize_weights(model)
 
 
 def _prompts() -> list[list[int]]:

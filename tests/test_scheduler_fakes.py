@@ -193,6 +193,8 @@ def test_fake_runner_matches_its_reference():
 class LiveServer:
     """`nl serve` in a subprocess on the fake runner (or a real model); always killed on stop()."""
 
+    api_key: str | None = None  # set by subclasses whose server runs with --api-key
+
     def __init__(self, tmpdir: str, args: list[str] = (), env: dict | None = None,
                  model_path: str | None = None, startup_timeout: float = 240.0):
         import socket
@@ -227,12 +229,15 @@ class LiveServer:
         import httpx
 
         deadline = time.monotonic() + timeout
+        # /health_generate is protected when the server has an API key.
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nl serve exited with {self.proc.returncode}:\n{self.log()}")
             if "fired up and ready to roll" in self.log():
                 try:
-                    if httpx.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    r = httpx.get(self.url + "/health_generate", headers=headers, timeout=30)
+                    if r.status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass

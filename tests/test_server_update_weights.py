@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.test_scheduler_fakes import LiveServer
-from tests.test_weight_update import _copy_with
+from tests.tiny_models import perturbed_copy
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,7 @@ def dirs(tiny_model_dir, tmp_path_factory):
     import transformers
 
     base = tiny_model_dir("llama")
-    gen = torch.Generator().manual_seed(1)
-    perturbed = _copy_with(base, str(tmp_path_factory.mktemp("perturbed")),
-                           lambda n, t: t + 0.1 * torch.randn(t.shape, generator=gen))
+    perturbed = perturbed_copy(base, str(tmp_path_factory.mktemp("perturbed")))
     cfg = transformers.AutoConfig.from_pretrained(base)
     wrong = str(tmp_path_factory.mktemp("wrong-size"))
     small = transformers.LlamaConfig(**{**cfg.to_dict(), "intermediate_size": 96})

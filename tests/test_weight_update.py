@@ -16,32 +16,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nlcli.engine.weight_update import update_weights_from_disk
-from tests.tiny_models import TOKENIZER_FILES, EngineDriver, make_runner, tiny_config
+from tests.tiny_models import (
+    EngineDriver,
+    copy_model_with,
+    make_runner,
+    perturbed_copy,
+    tiny_config,
+)
 
 PROMPTS = [[5, 17, 301, 44, 9, 1200, 77], [400, 3, 3, 81]]
 ROLLBACK = "\nRolling back to original weights."
 
 
-def _copy_with(src_dir: str, out_dir: str, change) -> str:
-    """An HF dir like src_dir whose tensors are `change(name, tensor)` (None drops the tensor)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = load_file(os.path.join(src_dir, "model.safetensors"))
-    changed = {n: change(n, t) for n, t in tensors.items()}
-    save_file({n: t.contiguous() for n, t in changed.items() if t is not None},
-              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copy(os.path.join(src_dir, name), out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def dirs(tiny_model_dir, tmp_path_factory):
     base = tiny_model_dir("llama")
-    gen = torch.Generator().manual_seed(1)
-    perturbed = _copy_with(base, str(tmp_path_factory.mktemp("perturbed")),
-                           lambda n, t: t + 0.1 * torch.randn(t.shape, generator=gen))
-    return {"base": base, "perturbed": perturbed}
+    return {"base": base, "perturbed": perturbed_copy(base, str(tmp_path_factory.mktemp("perturbed")))}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +119,7 @@ def test_missing_path_is_refused(runner, tmp_path):
 
 def test_missing_tensor_is_refused_and_named(runner, dirs, tmp_path):
     dropped = "model.layers.1.mlp.up_proj.weight"
-    path = _copy_with(dirs["perturbed"], str(tmp_path / "partial"), lambda n, t: None if n == dropped else t)
+    path = copy_model_with(dirs["perturbed"], str(tmp_path / "partial"), lambda n, t: None if n == dropped else t)
     # up_proj is half of our fused gate_up_proj, which gate_proj alone would mark as loaded.
     _assert_refused(runner, path, f"Failed to update weights: the checkpoint lacks 1 weight(s): {dropped}.{ROLLBACK}")
 
@@ -141,7 +131,7 @@ def test_other_architecture_is_refused(runner, tiny_model_dir):
 
 
 def test_same_shapes_other_head_count_is_refused(runner, dirs, tmp_path):
-    path = _copy_with(dirs["perturbed"], str(tmp_path / "heads"), lambda n, t: t)
+    path = copy_model_with(dirs["perturbed"], str(tmp_path / "heads"), lambda n, t: t)
     cfg = json.load(open(os.path.join(path, "config.json")))
     # 2 heads of 32 instead of 4 of 16: every shape equal, the attention math different.
     cfg.update(num_attention_heads=cfg["num_attention_heads"] // 2, num_key_value_heads=1, head_dim=32)

@@ -3,6 +3,7 @@ SmolLM2's real tokenizer, and `EngineDriver`, which drives a ModelRunner the way
 (rows, slots, req_to_token, ForwardBatch.create) so engine tests need no scheduler.
 
 Other test modules import this: `build_tiny_model(arch, dir)`, `smollm2_tokenizer_dir()`,
+`randomize_weights(model)`, `copy_model_with(src, dst, change)`, `perturbed_copy(src, dst)`,
 `make_runner(path, **server_args)`, `EngineDriver(runner)`.
 """
 
@@ -61,6 +62,23 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
+def randomize_weights(model: torch.nn.Module) -> None:
+    """Redraw a model's weights larger than transformers' default init (std 0.02).
+
+    The default gives near-uniform logits and near-zero scores; larger weights make greedy choices
+    decisive and scores sizeable, so comparisons test the engine rather than float noise.
+    Seed the global generator first for reproducible weights.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0, 0.05)
+
+
 def build_tiny_model(arch: str, out_dir: str, seed: int = 0, max_shard_size: Optional[str] = None) -> str:
     """Save a random tiny `arch` model (float32 safetensors) + SmolLM2 tokenizer into out_dir."""
     import transformers
@@ -70,16 +88,7 @@ def build_tiny_model(arch: str, out_dir: str, seed: int = 0, max_shard_size: Opt
     config = tiny_config(arch, len(tok))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init with std 0.02 gives near-uniform logits; larger weights make greedy choices
-    # decisive, so token-level comparisons test the engine rather than float noise.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0, 0.05)
+    randomize_weights(model)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kw)
     for name in TOKENIZER_FILES:
@@ -87,6 +96,29 @@ def build_tiny_model(arch: str, out_dir: str, seed: int = 0, max_shard_size: Opt
         if os.path.isfile(src):
             shutil.copy(src, out_dir)
     return out_dir
+
+
+def copy_model_with(src_dir: str, out_dir: str, change) -> str:
+    """An HF dir like src_dir whose tensors are `change(name, tensor)` (None drops the tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = load_file(os.path.join(src_dir, "model.safetensors"))
+    changed = {n: change(n, t) for n, t in tensors.items()}
+    save_file({n: t.contiguous() for n, t in changed.items() if t is not None},
+              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy(os.path.join(src_dir, name), out_dir)
+    return out_dir
+
+
+def perturbed_copy(src_dir: str, out_dir: str) -> str:
+    """Same architecture and shapes, every tensor moved by 0.1 * N(0, 1) (seeded): new weights
+    for a hot update that visibly change the output."""
+    gen = torch.Generator().manual_seed(1)
+    return copy_model_with(src_dir, out_dir,
+                           lambda n, t: t + 0.1 * torch.randn(t.shape, generator=gen))
 
 
 def make_runner(model_path: str, **overrides):

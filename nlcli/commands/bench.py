@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlcli.commands.common import ApiKeyOpt, JsonOpt, TimeoutOpt, UrlOpt, fail, settings
+from nlcli.commands.common import EXIT_INTERRUPTED, Settings, client_command, fail
 from nlcli.console import consoles, print_json
 
 DATA = "Dataset"
@@ -25,6 +25,7 @@ def _opt(help: str, panel: str = DATA, **kw):
     return typer.Option(help=help, rich_help_panel=panel, **kw)
 
 
+@client_command
 def bench(
     ctx: typer.Context,
     dataset_name: Annotated[str, _opt("random or shared-prefix.")] = "random",
@@ -49,10 +50,8 @@ def bench(
                                          min=0)] = 1,
     temperature: Annotated[float, _opt("Sampling temperature.", LOAD, min=0.0)] = 0.0,
     seed: Annotated[int, _opt("Seed for prompts and arrival times.", LOAD)] = 1,
-    url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
+    *,
+    s: Settings,
 ) -> None:
     """Benchmark a running server: throughput, TTFT, inter-token and end-to-end latency."""
     import httpx
@@ -61,7 +60,6 @@ def bench(
     from nlcli.bench.driver import run_benchmark
     from nlcli.bench.report import render, summarize
 
-    s = settings(ctx, url, api_key, timeout, json_out)
     if request_rate <= 0:
         raise typer.BadParameter("must be positive (inf: all at once)", param_hint="--request-rate")
     if dataset_name == "random":
@@ -86,7 +84,7 @@ def bench(
     except RuntimeError as e:
         raise fail(s, str(e), 1) from None
     except KeyboardInterrupt:
-        raise fail(s, "interrupted", 130) from None
+        raise fail(s, "interrupted", EXIT_INTERRUPTED) from None
     config = {"backend": "nl", "dataset": dataset_name, "num_prompts": num_prompts,
               "max_concurrency": max_concurrency,
               "request_rate": request_rate if math.isfinite(request_rate) else None,

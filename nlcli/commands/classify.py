@@ -7,7 +7,7 @@ from rich.table import Table
 import typer
 
 from nlcli.client import NlClient
-from nlcli.commands.common import ApiKeyOpt, JsonOpt, TimeoutOpt, UrlOpt, settings
+from nlcli.commands.common import Settings, client_command
 from nlcli.commands.encode import FileOpt, TextsArg, clip, read_texts, run
 
 
@@ -20,15 +20,9 @@ def score_table(data: list[dict]) -> Table:
     return t
 
 
+@client_command
 def classify(
-    ctx: typer.Context,
-    texts: TextsArg = None,
-    file: FileOpt = None,
-    url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
+    ctx: typer.Context, texts: TextsArg = None, file: FileOpt = None, *, s: Settings
 ) -> None:
     """Score texts with a reward or classification model."""
-    s = settings(ctx, url, api_key, timeout, json_out)
-    run(ctx, read_texts(texts, file), NlClient.classify, score_table, s)
+    run(s, read_texts(texts, file), NlClient.classify, score_table)

@@ -3,15 +3,20 @@
 --url, --api-key, --timeout and --json are accepted both before the command (`nl --url U health`)
 and after it (`nl health --url U`); the command's own value wins. Environment variables are read
 by the root options only, so an explicit root flag is never overridden by the environment.
+
+`client_command` gives a command those options; `ask` makes one server call under the exit-code
+contract and `show` prints its result (JSON or human).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.markup import escape
@@ -112,3 +117,53 @@ def handled(s: Settings) -> Iterator[None]:
         raise fail(s, e.message, e.exit_code, e.status) from None
     except KeyboardInterrupt:
         raise fail(s, "interrupted", EXIT_INTERRUPTED) from None
+
+
+T = TypeVar("T")
+_CONNECTION_PARAMS = [
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                      annotation=annotation)
+    for name, annotation, default in (
+        ("url", UrlOpt, None), ("api_key", ApiKeyOpt, None), ("timeout", TimeoutOpt, None),
+        ("json_out", JsonOpt, False),
+    )
+]
+
+
+def client_command(fn: Callable[..., T]) -> Callable[..., T]:
+    """Append --url, --api-key, --timeout and --json to a command; it gets the Settings as `s`.
+
+    `fn` takes `ctx: typer.Context` first and a keyword `s: Settings`. Typer reads the signature
+    set here: fn's own parameters (without `s`), then the connection options, so help keeps them
+    last. The settings are resolved before fn runs, so a bad --timeout fails before anything else.
+    """
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "s"]
+    params = own + _CONNECTION_PARAMS
+
+    @functools.wraps(fn)
+    def command(ctx: typer.Context, *args: Any, url: Optional[str] = None,
+                api_key: Optional[str] = None, timeout: Optional[float] = None,
+                json_out: bool = False, **kwargs: Any) -> T:
+        return fn(ctx, *args, s=settings(ctx, url, api_key, timeout, json_out), **kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    # Typer resolves annotations through get_type_hints: give it objects, not fn's strings.
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def ask(s: Settings, call: Callable[[NlClient], T]) -> T:
+    """One exchange with the server: a fresh client, errors mapped to exit codes."""
+    with handled(s), s.client() as client:
+        return call(client)
+
+
+def show(s: Settings, data: Any, human: Any, **print_kw: Any) -> None:
+    """Print `data` as one JSON object with --json, else `human` (text or a rich renderable).
+
+    `human` may be a function building it, so JSON output never depends on the human view.
+    """
+    if s.json:
+        print_json(data)
+    else:
+        consoles().human.print(human() if callable(human) else human, **print_kw)

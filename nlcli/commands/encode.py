@@ -13,16 +13,7 @@ import typer
 from rich.table import Table
 
 from nlcli.client import NlClient
-from nlcli.commands.common import (
-    ApiKeyOpt,
-    JsonOpt,
-    Settings,
-    TimeoutOpt,
-    UrlOpt,
-    handled,
-    settings,
-)
-from nlcli.console import consoles, print_json
+from nlcli.commands.common import Settings, ask, client_command, show
 
 TextsArg = Annotated[
     Optional[list[str]], typer.Argument(help="Texts to send.", show_default=False)
@@ -62,18 +53,13 @@ def rows(texts: list[str], resp: object) -> list[dict]:
 
 
 def run(
-    ctx: typer.Context,
+    s: Settings,
     texts: list[str],
     call: Callable[[NlClient, list[str]], object],
     table: Callable[[list[dict]], Table],
-    s: Settings,
 ) -> None:
-    with handled(s), s.client() as client:
-        data = rows(texts, call(client, texts))
-    if s.json:
-        print_json({"data": data})
-    else:
-        consoles().human.print(table(data))
+    data = rows(texts, ask(s, lambda client: call(client, texts)))
+    show(s, {"data": data}, lambda: table(data))
 
 
 def clip(text: str, n: int = 32) -> str:
@@ -91,15 +77,9 @@ def embedding_table(data: list[dict]) -> Table:
     return t
 
 
+@client_command
 def encode(
-    ctx: typer.Context,
-    texts: TextsArg = None,
-    file: FileOpt = None,
-    url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
+    ctx: typer.Context, texts: TextsArg = None, file: FileOpt = None, *, s: Settings
 ) -> None:
     """Embed texts (needs a server started with --is-embedding)."""
-    s = settings(ctx, url, api_key, timeout, json_out)
-    run(ctx, read_texts(texts, file), NlClient.encode, embedding_table, s)
+    run(s, read_texts(texts, file), NlClient.encode, embedding_table)

@@ -16,16 +16,7 @@ import typer
 from rich.markup import escape
 
 from nlcli.client import NlClient
-from nlcli.commands.common import (
-    ApiKeyOpt,
-    JsonOpt,
-    Settings,
-    TimeoutOpt,
-    UrlOpt,
-    fail,
-    handled,
-    settings,
-)
+from nlcli.commands.common import Settings, client_command, fail, handled
 from nlcli.console import consoles, print_json, write_text
 
 SAMPLING = "Sampling"
@@ -153,6 +144,7 @@ def summary(info: dict, chat: bool) -> str:
     return f"tokens: {shown} · finish: {finish}"
 
 
+@client_command
 def generate(
     ctx: typer.Context,
     prompt: Annotated[
@@ -180,13 +172,10 @@ def generate(
         _sampling("Constrain output to this JSON schema (text or @FILE)."),
     ] = None,
     regex: Annotated[Optional[str], _sampling("Constrain output to this regex.")] = None,
-    url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
+    *,
+    s: Settings,
 ) -> None:
     """Generate text from a prompt (argument or stdin)."""
-    s = settings(ctx, url, api_key, timeout, json_out)
     text_in = read_prompt(prompt)
     params = {
         "max_new_tokens": max_new_tokens,

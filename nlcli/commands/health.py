@@ -14,12 +14,12 @@ import typer
 from rich.markup import escape
 
 from nlcli.client import NlError, Unhealthy
-from nlcli.commands.common import ApiKeyOpt, JsonOpt, TimeoutOpt, UrlOpt, handled, settings
-from nlcli.console import consoles, print_json
+from nlcli.commands.common import Settings, client_command, handled, show
 
 POLL_INTERVAL = 0.5
 
 
+@client_command
 def health(
     ctx: typer.Context,
     generate: Annotated[
@@ -32,13 +32,10 @@ def health(
             show_default=False, min=0,
         ),
     ] = None,
-    url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
+    *,
+    s: Settings,
 ) -> None:
     """Check that the server is alive (exit 0), unhealthy (4) or unreachable (3)."""
-    s = settings(ctx, url, api_key, timeout, json_out)
     endpoint = "/health_generate" if generate else "/health"
     start = time.monotonic()
     deadline = start + (wait or 0.0)
@@ -56,10 +53,6 @@ def health(
                     raise last
                 time.sleep(POLL_INTERVAL)
     elapsed = time.monotonic() - start
-    if s.json:
-        print_json(
-            {"ok": True, "status": 200, "endpoint": endpoint, "elapsed_s": round(elapsed, 3)}
-        )
-    else:
-        where = escape(f"{s.url}{endpoint}")
-        consoles().human.print(f"[green]healthy[/]: {where} ({elapsed:.2f} s)", soft_wrap=True)
+    where = escape(f"{s.url}{endpoint}")
+    show(s, {"ok": True, "status": 200, "endpoint": endpoint, "elapsed_s": round(elapsed, 3)},
+         f"[green]healthy[/]: {where} ({elapsed:.2f} s)", soft_wrap=True)

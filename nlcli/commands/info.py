@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from nlcli.commands.common import ApiKeyOpt, JsonOpt, TimeoutOpt, UrlOpt, handled, settings
+from nlcli.commands.common import Settings, client_command, handled
 from nlcli.console import consoles, print_json
 
 SECRET_KEYS = ("api_key",)
@@ -39,15 +39,9 @@ def kv_table(items: dict, title: str) -> Table:
     return t
 
 
-def info(
-    ctx: typer.Context,
-    url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+@client_command
+def info(ctx: typer.Context, *, s: Settings) -> None:
     """Show server args, model info and KV pool size."""
-    s = settings(ctx, url, api_key, timeout, json_out)
     with handled(s), s.client() as client:
         server = redact(client.server_info())
         model = client.model_info()

@@ -11,16 +11,15 @@ death, client disconnects and weight updates see them too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
+from nlcli.engine.http_utils import finals_or_disconnect, json_response, native_error, read_json
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.tokenizer_manager import EngineDeadError, ReqState
 
@@ -203,58 +202,29 @@ class EmbeddingManager:
     # ---- the route -------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         if not self.serves_embeddings:
-            return _error(NOT_EMBEDDING_MESSAGE)
+            return native_error(NOT_EMBEDDING_MESSAGE)
         try:
-            items, is_batch = parse_encode(_loads(await request.body()))
+            items, is_batch = parse_encode(await read_json(request))
             states = self.submit(items)
         except ValueError as e:
-            return _error(str(e))
+            return native_error(str(e))
         except EngineDeadError as e:
-            return _error(str(e), 503)
-        work = asyncio.ensure_future(asyncio.gather(*(self.tm.next_output(st) for st in states)))
-        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+            return native_error(str(e), 503)
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not work.done():
-            work.cancel()
-            self.tm.abort([st.rid for st in states], "Client disconnected")
+            outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
+        except EngineDeadError as e:
+            return native_error(str(e), 503)
+        if outs is None:
             return Response(status_code=499)
-        try:
-            outs = work.result()
-        except EngineDeadError as e:
-            return _error(str(e), 503)
         for out in outs:
             if "embedding" not in out:  # aborted in the engine
                 reason = out["meta_info"]["finish_reason"] or {}
-                return _error(reason.get("message", "The request was aborted."),
-                              reason.get("status_code", 500))
+                return native_error(reason.get("message", "The request was aborted."),
+                                    reason.get("status_code", 500))
         shaped = [{"embedding": o["embedding"],
                    "meta_info": {"id": o["meta_info"]["id"],
                                  "prompt_tokens": o["meta_info"]["prompt_tokens"]}} for o in outs]
-        return _json(shaped if is_batch else shaped[0])
-
-
-def _loads(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw or b"null")
-    except orjson.JSONDecodeError as e:
-        raise ValueError(f"Malformed JSON body: {e}") from None
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        if (await request.receive())["type"] == "http.disconnect":
-            return
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
-
-
-def _error(message: str, status: int = 400) -> Response:
-    return _json({"error": {"message": message}}, status)
+        return json_response(shaped if is_batch else shaped[0])
 
 
 def register_embedding_routes(app, tm, args) -> EmbeddingManager:

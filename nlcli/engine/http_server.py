@@ -20,6 +20,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from nlcli import __version__
 from nlcli.engine.embedding_manager import NOT_GENERATION_MESSAGE, register_embedding_routes
+from nlcli.engine.http_utils import (engine_rejection, finals_or_disconnect, json_response,
+                                     last_output, native_error, read_json)
 from nlcli.engine.tokenizer_manager import EngineDeadError, TokenizerManager, parse_generate
 from nlcli.engine.weight_update_manager import register_weight_update_routes
 
@@ -29,13 +31,6 @@ FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When
               "or waiting requests, the operation will not be performed.)\n")
 
 
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), status_code=status,
-                    media_type="application/json")
-
-
-def _error(message: str, status: int = 400) -> Response:
-    return _json({"error": {"message": message}}, status)
 
 
 # ---- pure-ASGI middleware --------------------------------------------------------------------
@@ -106,24 +101,17 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     # A weight update changes model_path / load_format; the info routes read the current args.
     app.state.server_args = args
 
-    async def read_json(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return orjson.loads(raw or b"null")
-        except orjson.JSONDecodeError as e:
-            raise ValueError(f"Malformed JSON body: {e}") from None
-
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
         if tm.ready is not None and not tm.ready.is_generation:
-            return _error(NOT_GENERATION_MESSAGE)
+            return native_error(NOT_GENERATION_MESSAGE)
         try:
             items, is_batch, stream = parse_generate(await read_json(request))
             states = tm.submit(items, stream)
         except ValueError as e:
-            return _error(str(e))
+            return native_error(str(e))
         except EngineDeadError as e:
-            return _error(str(e), 503)
+            return native_error(str(e), 503)
         if stream:
             return StreamingResponse(_stream(tm, states, is_batch), media_type="text/event-stream")
         return await _wait_all(tm, states, is_batch, request)
@@ -138,22 +126,22 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     @app.get("/get_model_info")
     async def get_model_info():
-        return _json(model_info)
+        return json_response(model_info)
 
     @app.get("/get_server_args")
     async def get_server_args():
-        return _json(dataclasses.asdict(app.state.server_args))
+        return json_response(dataclasses.asdict(app.state.server_args))
 
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def get_server_info():
         info = dataclasses.asdict(app.state.server_args)
         info.update(status="ready", max_total_num_tokens=tm.pool_size, version=__version__)
-        return _json(info)
+        return json_response(info)
 
     @app.api_route("/get_memory_pool_size", methods=["GET", "POST"])
     async def get_memory_pool_size():
-        return _json(tm.pool_size)
+        return json_response(tm.pool_size)
 
     @app.post("/flush_cache")
     async def flush_cache():
@@ -177,7 +165,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
             else:
                 raise ValueError("rid must be a string (or set abort_all to true).")
         except ValueError as e:
-            return _error(str(e))
+            return native_error(str(e))
         return Response(status_code=200)
 
     from nlcli.engine.openai_api import register_openai_routes
@@ -212,40 +200,17 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     return wrapped
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
-
-
 async def _wait_all(tm: TokenizerManager, states, is_batch: bool, request: Request) -> Response:
-    async def finals():
-        return [await _last(tm, st) for st in states]
-
-    work = asyncio.create_task(finals())
-    gone = asyncio.create_task(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not work.done():
-        work.cancel()
-        tm.abort([st.rid for st in states], "Client disconnected")
-        logger.info("Client disconnected; aborted %d request(s)", len(states))
-        return Response(status_code=499)
-    try:
-        outs = work.result()
+        outs = await finals_or_disconnect(tm, states, request, lambda st: last_output(tm, st))
     except EngineDeadError as e:
-        return _error(str(e), 503)
-    return _json(outs if is_batch else outs[0])
-
-
-async def _last(tm: TokenizerManager, st) -> dict:
-    out = None
-    async for out in tm.outputs(st):
-        pass
-    return out
+        return native_error(str(e), 503)
+    if outs is None:
+        return Response(status_code=499)
+    rejected = engine_rejection(outs)
+    if rejected:  # e.g. a grammar the engine could not compile: the client's error, not a 200
+        return native_error(*rejected)
+    return json_response(outs if is_batch else outs[0])
 
 
 async def _stream(tm: TokenizerManager, states, is_batch: bool):

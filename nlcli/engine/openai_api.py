@@ -23,6 +23,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from nlcli.engine.chat_template import ChatTemplate, load_chat_template
+from nlcli.engine.embedding_manager import NOT_EMBEDDING_MESSAGE
+from nlcli.engine.http_utils import engine_rejection, finals_or_disconnect, json_response, last_output
 from nlcli.engine.openai_protocol import (BadRequest, ChatCompletionRequest, CompletionRequest,
                                           EmbeddingRequest, chat_logprobs, error_body,
                                           finish_reason, legacy_logprobs, matched_stop,
@@ -31,9 +33,7 @@ from nlcli.engine.tokenizer_manager import EngineDeadError, parse_generate
 
 logger = logging.getLogger("nlcli.openai")
 
-NOT_EMBEDDING_MESSAGE = (
-    "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
-    "when launching the server or try another model.")
+
 def register_openai_routes(app, tm, args) -> None:
     """Add the /v1 routes to the FastAPI `app` (the one /generate lives on)."""
     api = OpenAIServing(app, tm, args)
@@ -44,14 +44,11 @@ def register_openai_routes(app, tm, args) -> None:
     app.add_api_route("/v1/embeddings", api.embeddings, methods=["POST"])
 
 
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), status_code=status,
-                    media_type="application/json")
 
 
 def _error(message: str, status: int = 400, type_: str = "BadRequestError",
            param: Optional[str] = None) -> Response:
-    return _json(error_body(message, status, type_, param), status)
+    return json_response(error_body(message, status, type_, param), status)
 
 
 def _sse(obj: Any) -> bytes:
@@ -73,12 +70,12 @@ class OpenAIServing:
                 "owned_by": "nl", "root": self.model_name, "max_model_len": self.tm.context_len}
 
     async def list_models(self):
-        return _json({"object": "list", "data": [self._card()]})
+        return json_response({"object": "list", "data": [self._card()]})
 
     async def get_model(self, model_id: str):
         if model_id != self.model_name:
             return _error(f"The model {model_id!r} does not exist.", 404, "NotFoundError", "model")
-        return _json(self._card())
+        return json_response(self._card())
 
     # ---- shared plumbing -----------------------------------------------------------------
     def _token_text(self, entry: list) -> str:
@@ -107,32 +104,10 @@ class OpenAIServing:
 
     async def _finals(self, states, request: Request) -> Optional[list[dict]]:
         """The last output of each request, or None when the client went away (all aborted)."""
-        async def last(st):
-            out = None
-            async for out in self.tm.outputs(st):
-                pass
-            return out
-
-        async def gone():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        work = asyncio.ensure_future(asyncio.gather(*[last(st) for st in states]))
-        watch = asyncio.ensure_future(gone())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        if not work.done():
-            work.cancel()
-            self.tm.abort([st.rid for st in states], "Client disconnected")
-            logger.info("Client disconnected; aborted %d request(s)", len(states))
-            return None
-        outs = work.result()
-        for out in outs:  # the engine refusing a request (e.g. a bad grammar) is the client's error
-            fr = out["meta_info"]["finish_reason"] or {}
-            if fr.get("type") == "abort" and fr.get("status_code") == 400:
-                raise BadRequest(fr.get("message") or "The request was rejected.")
+        outs = await finals_or_disconnect(self.tm, states, request, lambda st: last_output(self.tm, st))
+        rejected = outs and engine_rejection(outs)
+        if rejected:  # the engine refusing a request (e.g. a bad grammar) is the client's error
+            raise BadRequest(rejected[0])
         return outs
 
     async def _merged(self, states) -> AsyncIterator[tuple[int, Any]]:
@@ -212,7 +187,7 @@ class OpenAIServing:
                             "matched_stop": matched_stop(meta["finish_reason"])})
         metas = [o["meta_info"] for o in outs]
         firsts = metas[::req.n]
-        return _json({"id": rid, "object": "text_completion", "created": int(time.time()),
+        return json_response({"id": rid, "object": "text_completion", "created": int(time.time()),
                       "model": req.model, "choices": choices,
                       "usage": usage(sum(m["prompt_tokens"] for m in firsts),
                                      sum(m["completion_tokens"] for m in metas), self._cached(firsts))})
@@ -311,7 +286,7 @@ class OpenAIServing:
                             "finish_reason": finish_reason(meta["finish_reason"]),
                             "matched_stop": matched_stop(meta["finish_reason"])})
         metas = [o["meta_info"] for o in outs]
-        return _json({"id": rid, "object": "chat.completion", "created": int(time.time()),
+        return json_response({"id": rid, "object": "chat.completion", "created": int(time.time()),
                       "model": req.model, "choices": choices,
                       "usage": usage(metas[0]["prompt_tokens"],
                                      sum(m["completion_tokens"] for m in metas),
@@ -395,6 +370,6 @@ class OpenAIServing:
                 emb = base64.b64encode(np.asarray(emb, dtype="<f4").tobytes()).decode()
             data.append({"object": "embedding", "index": i, "embedding": emb})
         p = sum(o["meta_info"]["prompt_tokens"] for o in outs)
-        return _json({"object": "list", "data": data, "model": self.model_name,
+        return json_response({"object": "list", "data": data, "model": self.model_name,
                       "usage": {"prompt_tokens": p, "total_tokens": p, "completion_tokens": 0,
                                 "prompt_tokens_details": None}})

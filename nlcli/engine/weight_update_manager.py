@@ -15,10 +15,10 @@ import asyncio
 import logging
 from typing import Callable, Optional
 
-import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
+from nlcli.engine.http_utils import json_response, read_json
 from nlcli.engine.io_struct import TokenizedGenerateReqInput, UpdateWeightReq, UpdateWeightReqOutput
 
 logger = logging.getLogger("nlcli.weight_update")
@@ -85,9 +85,9 @@ class WeightUpdateManager:
 
     async def handle(self, request: Request) -> Response:
         try:
-            body = orjson.loads((await request.body()) or b"null")
-        except orjson.JSONDecodeError as e:
-            return _result(False, f"Malformed JSON body: {e}")
+            body = await read_json(request)
+        except ValueError as e:
+            return _result(False, str(e))
         if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
             return _result(False, "model_path must be a string.")
         load_format = body.get("load_format")
@@ -98,8 +98,7 @@ class WeightUpdateManager:
 
 
 def _result(success: bool, message: str) -> Response:
-    return Response(orjson.dumps({"success": success, "message": message}),
-                    status_code=200 if success else 400, media_type="application/json")
+    return json_response({"success": success, "message": message}, 200 if success else 400)
 
 
 def register_weight_update_routes(app, tm, on_success: Callable[[str, str], None]) -> WeightUpdateManager:
