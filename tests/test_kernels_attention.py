@@ -4,27 +4,24 @@ With CUDA the kernels run natively, plus the `gpu`-marked tests (bf16/fp16 at mo
 graph capture). Without CUDA they run under TRITON_INTERPRET=1, which must be set before
 `triton.language` is imported: its own helpers (tl.max, tl.cdiv) are decorated at import. If some
 earlier module already imported it compiled-only (torch._dynamo does), these tests re-run this file
-in a fresh interpreter process instead of failing on a stale import.
+in a fresh interpreter process instead of failing on a stale import (tests/kernel_harness.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from nlcli.kernels.interpret import interpret_env, load_kernel_modules, run_in_fresh_interpreter
+from tests.kernel_harness import (  # noqa: F401 (interpret_while_running: autouse fixture)
+    COMPILED_ONLY,
+    DEVICE,
+    assert_passes_in_fresh_interpreter,
+    interpret_while_running,
+    load_kernels,
+    needs_gpu,
+)
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-with interpret_env(not HAS_CUDA):
-    pytest.importorskip("triton")
-    _mods = load_kernel_modules(
-        ["nlcli.kernels.decode_attention", "nlcli.kernels.extend_attention"],
-        interpret=not HAS_CUDA,
-    )
+_mods = load_kernels(["nlcli.kernels.decode_attention", "nlcli.kernels.extend_attention"])
 IN_PROCESS = _mods is not None
 if IN_PROCESS:
     decode_mod, extend_mod = _mods
@@ -33,24 +30,12 @@ if IN_PROCESS:
     extend_attention_fwd = extend_mod.extend_attention_fwd
     extend_attention_ref = extend_mod.extend_attention_ref
 
-in_process = pytest.mark.skipif(
-    not IN_PROCESS, reason="triton.language was imported compiled-only; run in a fresh process"
-)
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_while_running():
-    # The interpreter consults the flag at call time too; keep it scoped to this module.
-    with interpret_env(not HAS_CUDA):
-        yield
+in_process = pytest.mark.skipif(not IN_PROCESS, reason=COMPILED_ONLY)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
 def test_kernels_in_fresh_interpreter_process():
-    proc = run_in_fresh_interpreter(Path(__file__))
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    assert_passes_in_fresh_interpreter(__file__)
 
 
 class Paged:

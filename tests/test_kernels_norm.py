@@ -1,44 +1,34 @@
 """RMSNorm kernel (plain and fused with the residual add): Triton vs torch reference vs transformers.
 
-Same interpreter arrangement as test_kernels_attention.py: TRITON_INTERPRET=1 without CUDA, a fresh
-process when this one already imported Triton compiled-only.
+Same interpreter arrangement as the attention tests (tests/kernel_harness.py): TRITON_INTERPRET=1
+without CUDA, a fresh process when this one already imported Triton compiled-only.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from nlcli.kernels.interpret import interpret_env, load_kernel_modules, run_in_fresh_interpreter
+from tests.kernel_harness import (  # noqa: F401 (interpret_while_running: autouse fixture)
+    COMPILED_ONLY,
+    DEVICE,
+    assert_passes_in_fresh_interpreter,
+    interpret_while_running,
+    load_kernels,
+    needs_gpu,
+)
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-with interpret_env(not HAS_CUDA):
-    pytest.importorskip("triton")
-    _mods = load_kernel_modules(["nlcli.kernels.rmsnorm"], interpret=not HAS_CUDA)
+_mods = load_kernels(["nlcli.kernels.rmsnorm"])
 IN_PROCESS = _mods is not None
 if IN_PROCESS:
     rmsnorm_fwd, rmsnorm_ref = _mods[0].rmsnorm_fwd, _mods[0].rmsnorm_ref
 
-in_process = pytest.mark.skipif(
-    not IN_PROCESS, reason="triton.language was imported compiled-only; run in a fresh process"
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_while_running():
-    with interpret_env(not HAS_CUDA):
-        yield
+in_process = pytest.mark.skipif(not IN_PROCESS, reason=COMPILED_ONLY)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
 def test_norm_kernel_in_fresh_interpreter_process():
-    proc = run_in_fresh_interpreter(Path(__file__))
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    assert_passes_in_fresh_interpreter(__file__)
 
 
 @in_process
@@ -76,7 +66,7 @@ def test_norm_kernel_matches_reference(hidden, rows, with_residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@needs_gpu
 def test_norm_kernel_bf16_matches_reference_on_gpu():
     x = torch.randn(37, 4096, device=DEVICE, dtype=torch.bfloat16)
     residual = torch.randn_like(x)

@@ -1,5 +1,6 @@
-"""A live `nl serve --is-embedding` on a tiny random LlamaForSequenceClassification (a reward
-model): /classify scores chats the client templated, one score per chat and in order, equal to
+"""A live `nl serve` on a tiny random LlamaForSequenceClassification (a reward model), started
+without --is-embedding (a reward head can only be served as one, so nl switches it on):
+/classify scores chats the client templated, one score per chat and in order, equal to
 transformers' `logits` on the same text."""
 
 from __future__ import annotations
@@ -48,11 +49,17 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
     srv = LiveServer(str(tmp_path_factory.mktemp("reward")),
-                     ["--is-embedding", "--dtype", "float32", "--max-total-tokens", "2048",
+                     ["--dtype", "float32", "--max-total-tokens", "2048",
                       "--context-length", "256"], model_path=model_dir)
     yield srv
     srv.stop()
     assert "leak" not in srv.log()
+
+
+def test_reward_model_is_served_as_embedding_without_the_flag(server):
+    info = httpx.get(server.url + "/get_model_info", timeout=30).json()
+    assert info["is_generation"] is False
+    assert httpx.get(server.url + "/get_server_args", timeout=30).json()["is_embedding"] is True
 
 
 def test_reward_scores_of_templated_chats(server, model_dir):

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from tests.test_scheduler_fakes import LiveServer
 from tests.tiny_models import perturbed_copy

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nlcli.engine.weight_update import update_weights_from_disk
 from tests.tiny_models import (
@@ -31,7 +31,8 @@ ROLLBACK = "\nRolling back to original weights."
 @pytest.fixture(scope="module")
 def dirs(tiny_model_dir, tmp_path_factory):
     base = tiny_model_dir("llama")
-    return {"base": base, "perturbed": perturbed_copy(base, str(tmp_path_factory.mktemp("perturbed")))}
+    perturbed = perturbed_copy(base, str(tmp_path_factory.mktemp("perturbed")))
+    return {"base": base, "perturbed": perturbed}
 
 
 @pytest.fixture(scope="module")

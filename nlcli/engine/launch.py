@@ -55,6 +55,15 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _embedding_only(source) -> bool:
+    from nlcli.engine.models.registry import is_embedding_only
+
+    try:
+        return is_embedding_only(getattr(source.hf_config(), "architectures", None) or [])
+    except Exception:  # an unreadable config fails later with its own message
+        return False
+
+
 def launch_server(args) -> int:
     args = args.with_seed()
     configure_logging(args.log_level, "")
@@ -68,6 +77,10 @@ def launch_server(args) -> int:
         return 1
     if args.model_path is None:
         args = args.replace(model_path=source.model_path)
+    if not args.is_embedding and _embedding_only(source):
+        # An encoder or a reward head has nothing to generate with: serve it the only way it can be.
+        logger.info("%s is an embedding/reward model; serving it as with --is-embedding", args.model_path)
+        args = args.replace(is_embedding=True)
     logger.info("server_args=%r", args)
     if args.host in ("0.0.0.0", "::") and not args.api_key:
         logger.warning("Listening on all interfaces without --api-key: anyone on the network can "

@@ -159,6 +159,10 @@ class ModelRunner:
         per_token = TokenToKVPool.bytes_per_token(self.dtype, mc.num_kv_heads, mc.head_dim, mc.num_layers)
         if args.max_total_tokens:
             size = int(args.max_total_tokens)
+        elif not getattr(self.model, "uses_kv_cache", True):
+            # Encoders keep no K/V: slots only meter how many tokens one batch may hold, so a
+            # few prefill batches' worth is plenty (and costs no memory the model never uses).
+            size = 4 * max(args.max_prefill_tokens, mc.context_len)
         else:
             fraction = args.mem_fraction_static or (0.88 if self.device.type == "cuda" else 0.25)
             size = profile_max_num_tokens(free_before, self.weight_bytes, fraction, per_token)
