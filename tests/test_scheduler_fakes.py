@@ -24,19 +24,32 @@ VOCAB = 260
 EOS_ID = 256
 
 
-class FakeAllocator:
-    def __init__(self, size: int):
-        self.size = size
-        self._free = list(range(1, size + 1))
-        self._held: set[int] = set()
+class _FreeList:
+    """Ids handed out in order; alloc answers None when too few are left, as the real pools do."""
+
+    def __init__(self, ids):
+        self._free = list(ids)
 
     def available_size(self) -> int:
         return len(self._free)
 
-    def alloc(self, n: int):
+    def _take(self, n: int):
         if n > len(self._free):
             return None
         out, self._free = self._free[:n], self._free[n:]
+        return out
+
+
+class FakeAllocator(_FreeList):
+    def __init__(self, size: int):
+        super().__init__(range(1, size + 1))
+        self.size = size
+        self._held: set[int] = set()
+
+    def alloc(self, n: int):
+        out = self._take(n)
+        if out is None:
+            return None
         self._held.update(out)
         return torch.tensor(out, dtype=torch.int64)
 
@@ -48,20 +61,14 @@ class FakeAllocator:
             self._free.append(s)
 
 
-class FakeReqToTokenPool:
+class FakeReqToTokenPool(_FreeList):
     def __init__(self, size: int, context_len: int):
+        super().__init__(range(size))
         self.size = size
         self.req_to_token = torch.zeros((size, context_len), dtype=torch.int64)
-        self._free = list(range(size))
-
-    def available_size(self) -> int:
-        return len(self._free)
 
     def alloc(self, n: int):
-        if n > len(self._free):
-            return None
-        out, self._free = self._free[:n], self._free[n:]
-        return out
+        return self._take(n)
 
     def free(self, rows) -> None:
         for r in rows:

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the Triton attention wrappers (launch parameters, inputs)."""
+"""Host-side helpers shared by the Triton attention wrappers (launch parameters, input checks)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,21 @@ def heads_per_program(kv_group: int, block_h: int) -> int:
         if kv_group % n == 0:
             return n
     return 1
+
+
+def kv_group_of(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, o: torch.Tensor
+) -> int:
+    """Query heads per KV head (q/o `[tokens, H, D]`, buffers `[slots, Hkv, D]`).
+
+    Also checks what the kernels' pointer arithmetic assumes: unit stride along head_dim.
+    """
+    num_heads, num_kv_heads = q.shape[1], k_buffer.shape[1]
+    kv_group = num_heads // num_kv_heads
+    assert num_heads == kv_group * num_kv_heads, "H must be a multiple of Hkv"
+    assert q.stride(-1) == 1 and k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1
+    assert o.stride(-1) == 1
+    return kv_group
 
 
 def lens_on(values: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nlcli.kernels.common import dot_precision, heads_per_program, lens_on
+from nlcli.kernels.common import dot_precision, heads_per_program, kv_group_of, lens_on
 
 DEFAULT_NUM_KV_SPLITS = 8
 
@@ -204,11 +204,7 @@ def decode_attention_fwd(
 ) -> torch.Tensor:
     """Attend q [bs, H, D] over each request's first seq_len slots; write and return o."""
     bs, num_heads, head_dim = q.shape
-    num_kv_heads = k_buffer.shape[1]
-    kv_group = num_heads // num_kv_heads
-    assert num_heads == kv_group * num_kv_heads, "H must be a multiple of Hkv"
-    assert q.stride(-1) == 1 and k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1
-    assert o.stride(-1) == 1
+    kv_group = kv_group_of(q, k_buffer, v_buffer, o)
     if bs == 0:
         return o
     seq_lens = lens_on(seq_lens, q.device)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nlcli.kernels.common import dot_precision, lens_on
+from nlcli.kernels.common import dot_precision, kv_group_of, lens_on
 
 
 @triton.jit
@@ -144,11 +144,7 @@ def extend_attention_fwd(
     Pass `max_extend_len` (known on the host from the batch) to avoid a device sync.
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_buffer.shape[1]
-    kv_group = num_heads // num_kv_heads
-    assert num_heads == kv_group * num_kv_heads, "H must be a multiple of Hkv"
-    assert q.stride(-1) == 1 and k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1
-    assert o.stride(-1) == 1
+    kv_group = kv_group_of(q, k_buffer, v_buffer, o)
     prefix_lens = lens_on(prefix_lens, q.device)
     extend_lens = lens_on(extend_lens, q.device)
     req_pool_indices = lens_on(req_pool_indices, q.device)
