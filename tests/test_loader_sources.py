@@ -118,3 +118,18 @@ def test_gguf_qk_unpermute_inverts_llama_cpp_layout():
     assert hf_name("blk.7.attn_q.weight") == "model.layers.7.self_attn.q_proj.weight"
     assert hf_name("output.weight") == "lm_head.weight"
     assert hf_name("rope_freqs.weight") is None
+
+
+def test_load_progress_passes_every_tensor_and_stays_silent_off_a_terminal(capsys, monkeypatch):
+    import sys
+
+    from nlcli.engine.loader import with_progress
+
+    items = [(f"w{i}", i) for i in range(7)]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert list(with_progress(iter(items))) == items
+    assert capsys.readouterr().err == ""  # pipes, logs and CI get no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("NL_NO_PROGRESS", raising=False)
+    assert list(with_progress(iter(items))) == items
+    assert "Loading weights" in capsys.readouterr().err

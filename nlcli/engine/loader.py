@@ -8,6 +8,8 @@ weight updates take.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from typing import Iterator
 
@@ -59,7 +61,7 @@ def load_model(
     else:
         if load_format not in ("auto", source.format):
             raise ValueError(f"--load-format {load_format} does not match the model's files ({source.format})")
-        loaded = model.load_weights(iter_weights(source, model_config.hf_config))
+        loaded = model.load_weights(with_progress(iter_weights(source, model_config.hf_config)))
         missing = sorted(set(dict(model.named_parameters())) - loaded)
         if missing:
             raise RuntimeError(f"checkpoint lacks weights for {len(missing)} parameters, e.g. {missing[:5]}")
@@ -70,6 +72,24 @@ def load_model(
         time.perf_counter() - start, weight_bytes(model) / 2**20,
     )
     return model
+
+
+def with_progress(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A progress display on stderr while tensors load, only for a person at a terminal: never
+    in logs, pipes or CI (NL_NO_PROGRESS=1 turns it off there too)."""
+    if not sys.stderr.isatty() or os.environ.get("NL_NO_PROGRESS"):
+        yield from weights
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("Loading weights"), BarColumn(), TextColumn("{task.completed} tensors"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("load", total=None)
+        for item in weights:
+            yield item
+            bar.advance(task)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
