@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from nlcli.commands.bench import bench
 from nlcli.commands.classify import classify
 from nlcli.commands.common import EXIT_INTERRUPTED, root_settings
 from nlcli.commands.completion import completion
@@ -110,14 +111,8 @@ app.command("serve", rich_help_panel="Server", cls=PlainHelpCommand)(serve)
 for fn, name in (
     (generate, "generate"), (encode, "encode"), (classify, "classify"), (health, "health"),
     (flush_cache, "flush-cache"), (update_weights, "update-weights"), (info, "info"),
+    (bench, "bench"),
 ):
     app.command(name, rich_help_panel="Client")(fn)
-
-try:  # bench is written alongside the engine; the CLI must work before it lands.
-    from nlcli.commands.bench import bench
-except ImportError:
-    pass
-else:
-    app.command("bench", rich_help_panel="Client")(bench)
 
 app.command("completion", rich_help_panel="Setup")(completion)

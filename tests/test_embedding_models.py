@@ -188,6 +188,27 @@ def test_encoder_refuses_a_cached_prefix():
         ours(fb.input_ids, fb.positions, fb)
 
 
+def test_context_len_stops_at_the_position_table(tmp_path):
+    """RoBERTa's positions start at padding_idx + 1, so 64 position embeddings hold 62 tokens: the
+    runner's context_len must refuse longer inputs (they used to crash the engine mid-step)."""
+    from nlcli.engine.args import ServerArgs
+    from nlcli.engine.model_config import ModelConfig
+    from nlcli.engine.model_runner import ModelRunner
+    from nlcli.engine.model_source import resolve_model_source
+
+    hf, _ = _tiny_pair("roberta")
+    hf.config.architectures = ["RobertaModel"]
+    hf.save_pretrained(str(tmp_path))
+    runner = ModelRunner(ServerArgs(model_path=str(tmp_path), is_embedding=True, device="cpu",
+                                    dtype="float32", max_total_tokens=256))
+    assert runner.model_config.context_len == 63  # inputs of 63 tokens or more are refused
+    out = _run(runner.model, [list(range(3, 65))])  # 62 tokens: the longest accepted input
+    assert out.shape == (1, 32) and torch.isfinite(out).all()
+    source = resolve_model_source(str(tmp_path), is_embedding=True)
+    with pytest.raises(ValueError, match="longer than the model's context length"):
+        ModelConfig.from_source(source, context_length=65, is_embedding=True)
+
+
 # ---- pooling ----------------------------------------------------------------------------------
 
 

@@ -170,6 +170,7 @@ def test_streaming_batch_has_index(server):
     ({"text": "hi", "sampling_params": {"temperature": "hot"}}, "temperature"),
     ({"text": "hi", "sampling_params": 3}, "sampling_params"),
     ({"text": ["a", "b"], "rid": "x"}, "rid"),
+    ({"text": ["a", "b"], "rid": ["x", "x"]}, "rid"),
     ({"text": "hi", "stream": "yes"}, "stream"),
     ({"text": "y" * 600}, "context length"),
 ])

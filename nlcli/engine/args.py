@@ -112,7 +112,3 @@ class ServerArgs:
         if self.random_seed is not None:
             return self
         return self.replace(random_seed=random.randint(0, 2**30))
-
-
-def server_arg_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(ServerArgs))

@@ -31,7 +31,6 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
         self.surr = 0
         self.read = len(self.ids)
-        self.n_prompt_ctx = len(self.ids)
         self.text = ""
         self.stop = [s for s in stop if s]
         self.no_stop_trim = no_stop_trim

@@ -112,6 +112,9 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
             items.append(GenItem(p, ip, sub, base if n == 1 else f"{base}-{j}",
                                  lp["return_logprob"][i], lp["logprob_start_len"][i],
                                  lp["top_logprobs_num"][i], lp["return_text_in_logprobs"][i]))
+    # Outputs are routed by rid: a repeated one would leave a client waiting forever.
+    if len({it.rid for it in items}) != len(items):
+        raise ValueError("rid entries must be distinct.")
     return items, is_batch or n > 1, stream
 
 

@@ -31,8 +31,6 @@ FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When
               "or waiting requests, the operation will not be performed.)\n")
 
 
-
-
 # ---- pure-ASGI middleware --------------------------------------------------------------------
 class ApiKeyMiddleware:
     def __init__(self, app, api_key: str):

@@ -26,7 +26,6 @@ logger = logging.getLogger("nlcli.launch")
 ENGINE_START_TIMEOUT = 1800.0
 WARMUP_TEXT = "The capital city of France is"
 
-
 _serving = {"started": False}
 
 

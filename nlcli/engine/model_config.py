@@ -35,11 +35,17 @@ class ModelConfig:
         heads = getattr(text, "num_attention_heads", 0)
         hidden = getattr(text, "hidden_size", 0)
         head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads else 0)
+        derived = source.context_len()
+        if context_length and context_length > derived:
+            # Position tables (rotary caches, learned embeddings) stop at the model's length: a
+            # longer request would crash the engine mid-step, so refuse at start-up instead.
+            raise ValueError(f"--context-length {context_length} is longer than the model's "
+                             f"context length ({derived} tokens).")
         return cls(
             hf_config=cfg,
             architectures=list(getattr(cfg, "architectures", None) or []),
             vocab_size=int(text.vocab_size),
-            context_len=int(context_length or source.context_len()),
+            context_len=int(context_length or derived),
             num_layers=int(getattr(text, "num_hidden_layers", 0)),
             hidden_size=int(hidden),
             num_attention_heads=int(heads),

@@ -17,7 +17,6 @@ import torch
 from nlcli.engine.args import ServerArgs
 from nlcli.engine.forward_batch import ForwardBatch, LogitsOutput
 from nlcli.engine.layers.attention import create_attn_backend
-from nlcli.engine.layers.sampler import sample
 from nlcli.engine.loader import load_model, weight_bytes
 from nlcli.engine.mem_cache.pool import (
     ReqToTokenPool,
@@ -149,6 +148,13 @@ class ModelRunner:
         free_before = available_memory_bytes(self.device)
         self.model = load_model(self.model_config, self.source, self.dtype, self.device, server_args.load_format)
         self.weight_bytes = weight_bytes(self.model)
+        max_positions = getattr(self.model, "max_positions", None)
+        if max_positions is not None:
+            # An encoder's position table can be shorter than its config's context (RoBERTa numbers
+            # positions from padding_idx + 1); longer inputs must be refused, not crash the engine.
+            # Inputs of context_len tokens or more are refused, hence the + 1.
+            mc = self.model_config
+            mc.context_len = min(mc.context_len, int(max_positions()) + 1)
         self._init_memory_pool(free_before)
         self.attn_backend = create_attn_backend(
             server_args.attention_backend, self.device, self.req_to_token_pool, self.token_to_kv_pool
@@ -184,10 +190,6 @@ class ModelRunner:
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
-
-    def sample(self, logits_output: LogitsOutput, temperatures=None, generator=None) -> torch.Tensor:
-        """Greedy / temperature sampling of each request's next token (full sampler: sampling/)."""
-        return sample(logits_output.next_token_logits, temperatures, generator)
 
     def warmup(self) -> float:
         """One tiny extend + decode through the real pools, so first requests pay no lazy init."""

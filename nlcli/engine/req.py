@@ -9,7 +9,6 @@ this request holds locked.
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any, Optional
 
 import torch
@@ -19,13 +18,12 @@ _arrival = itertools.count()
 
 class Req:
     def __init__(self, rid: str, input_ids: list[int], sampling_params: Any, stream: bool = False,
-                 return_all_logits: bool = False, return_logprob: bool = False,
-                 logprob_start_len: int = -1, top_logprobs_num: int = 0):
+                 return_logprob: bool = False, logprob_start_len: int = -1,
+                 top_logprobs_num: int = 0):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
         self.stream = stream
-        self._return_all_logits = return_all_logits
         # logprobs (see logprob_collector.py); input ones are computed once, at the first prefill
         self.return_logprob = return_logprob
         self.logprob_start_len = logprob_start_len if return_logprob else -1
@@ -42,7 +40,6 @@ class Req:
         self.grammar = None
         self.grammar_future = None
         self.arrival = next(_arrival)
-        self.created = time.monotonic()
         self.output_ids: list[int] = []
         self.finished_reason: Optional[dict] = None
         # memory held
@@ -92,7 +89,8 @@ class Req:
 
     @property
     def return_all_logits(self) -> bool:
-        return self._return_all_logits or self.needs_input_logprobs
+        """Whether its extend needs logits at every new position, not just the last."""
+        return self.needs_input_logprobs
 
     @property
     def max_prefix_match(self) -> int:

@@ -21,7 +21,6 @@ from typing import Callable, Optional
 from nlcli.engine.detokenizer import StopChecker
 from nlcli.engine.embedding_batch import (finish_embedding_batch, is_embedding_output,
                                           takes_whole_inputs)
-from nlcli.engine.forward_batch import ForwardMode
 from nlcli.engine.grammar_queue import GrammarQueue, advance_grammars
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, FlushCacheReq, FlushCacheReqOutput,
                                     TokenizedGenerateReqInput, UpdateWeightReq)
@@ -140,7 +139,6 @@ class Scheduler(SchedulerBooks):
             elif req in self.waiting:
                 logger.info("Abort queued request. req.rid=%s", req.rid)
                 self.waiting.remove(req)
-                self.mem.release(req)  # a retracted request may still hold nothing; harmless
                 req.finish_abort("Abort in waiting queue")
                 self._finish([req])
             else:

@@ -1,4 +1,5 @@
-"""Gated MLP activation: SiLU(gate) * up over the fused gate_up projection's output."""
+"""Gated MLP activation: act(gate) * up over the fused gate_up projection's output (SiLU for every
+supported family; GELU variants for configs that name them)."""
 
 from __future__ import annotations
 

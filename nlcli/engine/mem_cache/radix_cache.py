@@ -188,15 +188,3 @@ class RadixCache:
                 out.append(node)
             stack.extend(node.children.values())
         return out
-
-    def pretty(self) -> str:
-        lines: list[str] = []
-
-        def walk(node: TreeNode, depth: int) -> None:
-            for child in node.children.values():
-                lines.append(f"{'  ' * depth}{child.key[:8]}{'...' if len(child.key) > 8 else ''} "
-                             f"len={len(child.key)} lock={child.lock_ref}")
-                walk(child, depth + 1)
-
-        walk(self.root, 0)
-        return "\n".join(lines)

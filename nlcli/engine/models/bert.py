@@ -243,5 +243,3 @@ class RobertaModel(BertModel):
 class XLMRobertaModel(RobertaModel):
     pass
 
-
-EntryClass = [BertModel, RobertaModel, XLMRobertaModel]

@@ -88,16 +88,3 @@ class Qwen2EmbeddingModel(EmbeddingHead, Qwen2ForCausalLM):
 class Qwen3EmbeddingModel(EmbeddingHead, Qwen3ForCausalLM):
     pass
 
-
-# Architecture names -> embedding class, for `--is-embedding` servers. Bare `*Model` checkpoints
-# are embedders by nature; `*ForCausalLM` ones (gte-Qwen2) only when the server is told so.
-EMBEDDING_ARCHITECTURES = {
-    "LlamaModel": LlamaEmbeddingModel,
-    "MistralModel": MistralEmbeddingModel,
-    "Qwen2Model": Qwen2EmbeddingModel,
-    "Qwen3Model": Qwen3EmbeddingModel,
-    "LlamaForCausalLM": LlamaEmbeddingModel,
-    "MistralForCausalLM": MistralEmbeddingModel,
-    "Qwen2ForCausalLM": Qwen2EmbeddingModel,
-    "Qwen3ForCausalLM": Qwen3EmbeddingModel,
-}

@@ -52,10 +52,3 @@ class Qwen2ForSequenceClassification(ScoreHead, Qwen2ForCausalLM):
 class Qwen3ForSequenceClassification(ScoreHead, Qwen3ForCausalLM):
     pass
 
-
-EntryClass = [
-    LlamaForSequenceClassification,
-    MistralForSequenceClassification,
-    Qwen2ForSequenceClassification,
-    Qwen3ForSequenceClassification,
-]

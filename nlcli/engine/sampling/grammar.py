@@ -89,9 +89,6 @@ class GrammarMatcher:
         """True when the text so far is a full match (only a stop token may follow, or more text)."""
         return self._m.is_completed()
 
-    def rollback(self, num_tokens: int) -> None:
-        self._m.rollback(num_tokens)
-
 
 class GrammarBackend:
     """Compiles constraints for one tokenizer off the step loop, with an LRU cache of results."""
