@@ -80,3 +80,35 @@ def test_engine_death_fails_fast_and_exits_nonzero(tmp_path):
         assert srv.proc.returncode not in (0, None)
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tmp_path):
+    # Token 5 makes the fake forward raise; every request in that batch must fail with a 500,
+    # the KV books must stay balanced (strict leak check is on), the radix cache must not keep
+    # the failed batch's unwritten KV, and later requests must be served normally.
+    srv = LiveServer(str(tmp_path), ["--context-length", "512"], env={"NL_FAKE_FAIL_TOKEN": "5"})
+    try:
+        prompt = [72, 105, 33] * 6
+        sp = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+        first = httpx.post(srv.url + "/generate", json={"input_ids": prompt, "sampling_params": sp},
+                           timeout=60)
+        assert first.status_code == 200
+        bad = httpx.post(srv.url + "/generate", timeout=60,
+                         json={"input_ids": prompt + [5, 72], "sampling_params": sp})
+        assert bad.status_code == 500, bad.text
+        assert "Internal error in the engine" in bad.json()["error"]["message"]
+        oai = httpx.post(srv.url + "/v1/completions", timeout=60,
+                         json={"model": "m", "prompt": [5, 66, 67], "max_tokens": 4})
+        assert oai.status_code == 500 and oai.json()["object"] == "error"
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        again = httpx.post(srv.url + "/generate", json={"input_ids": prompt, "sampling_params": sp},
+                           timeout=60).json()
+        assert again["text"] == first.json()["text"]
+        assert again["meta_info"]["cached_tokens"] == 0  # the pool was reset, nothing stale reused
+        want = reference_greedy(prompt, 12, ignore_eos=True)
+        assert again["meta_info"]["completion_tokens"] == len(want)
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert log.count("the engine keeps serving") == 2 and "leak" not in log
+    assert "exited unexpectedly" not in log

@@ -70,6 +70,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
 
     from nlcli.engine.io_struct import EngineReady, ShutdownReq
     from nlcli.engine.scheduler import Scheduler
+    from nlcli.engine.scheduler_books import MemoryLeakError
 
     configure_logging(server_args.log_level, " TP0")
     log = logging.getLogger("nlcli.engine")
@@ -137,7 +138,14 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
                     return
                 sched.handle(msg)
         watchdog.step_started = time.monotonic()
-        sched.step()
+        try:
+            sched.step()
+        except MemoryLeakError:
+            raise  # tests make a leak fatal on purpose
+        except Exception as e:  # one bad batch must not take the server down
+            log.exception("A scheduler step failed")
+            n = sched.fail_in_flight(f"{type(e).__name__}: {e}")
+            log.error("Failed %d in-flight request(s); the engine keeps serving", n)
         watchdog.step_started = None
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT_INTERVAL:

@@ -71,11 +71,12 @@ async def finals_or_disconnect(tm, states, request: Request,
 
 
 def engine_rejection(outs: list[dict]) -> Optional[tuple[str, int]]:
-    """(message, status) when the engine refused one of the requests as the client's fault (an
-    abort carrying a 4xx status, e.g. a grammar that failed to compile), else None."""
+    """(message, status) when the engine ended one of the requests with an error status (a 4xx
+    for the client's fault, e.g. a grammar that failed to compile; a 500 when a step failed),
+    else None. Plain aborts (client gone, /abort_request) carry no status and stay 200s."""
     for out in outs:
         reason = out.get("meta_info", {}).get("finish_reason") or {}
         status = reason.get("status_code")
-        if reason.get("type") == "abort" and status is not None and 400 <= status < 500:
+        if reason.get("type") == "abort" and status is not None and status >= 400:
             return reason.get("message") or "The request was rejected.", status
     return None

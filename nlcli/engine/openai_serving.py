@@ -43,6 +43,10 @@ def choice(i: int, key: str, payload: Any, logprobs: Optional[dict], fr: Optiona
             "matched_stop": matched_stop(fr)}
 
 
+class _EngineFailed(RuntimeError):
+    """The engine failed the request (a step raised); a 500, not the client's fault."""
+
+
 class OpenAIServing:
     """One /v1 route: `handle` is its FastAPI endpoint, `serve` (per subclass) does the work."""
 
@@ -59,6 +63,8 @@ class OpenAIServing:
             return error_response(str(e))
         except EngineDeadError as e:
             return error_response(str(e), 503, "ServiceUnavailableError")
+        except _EngineFailed as e:
+            return error_response(str(e), 500, "InternalServerError")
 
     async def serve(self, request: Request):
         raise NotImplementedError
@@ -92,8 +98,11 @@ class OpenAIServing:
         """The last output of each request, or None when the client went away (all aborted)."""
         outs = await finals_or_disconnect(self.tm, states, request, lambda st: last_output(self.tm, st))
         rejected = outs and engine_rejection(outs)
-        if rejected:  # the engine refusing a request (e.g. a bad grammar) is the client's error
-            raise BadRequest(rejected[0])
+        if rejected:
+            message, status = rejected
+            if status >= 500:  # a failed engine step
+                raise _EngineFailed(message)
+            raise BadRequest(message)  # the engine refusing a request (e.g. a bad grammar)
         return outs
 
     async def _merged(self, states) -> AsyncIterator[tuple[int, Any]]:

@@ -34,6 +34,13 @@ class KVMemory:
     def available(self) -> int:
         return int(self.allocator.available_size()) + self.tree.evictable_size()
 
+    def reset(self) -> None:
+        """Forget every slot, row and cached prefix at once. Only safe when no request holds any
+        (after a failed step has failed every request in flight)."""
+        self.tree.reset()
+        self.allocator.clear()
+        self.req_to_token_pool.clear()
+
     def used(self) -> int:
         """Slots not free and not merely cached: held by running requests or locked by them."""
         return self.size - int(self.allocator.available_size()) - self.tree.evictable_size()

@@ -174,6 +174,26 @@ class Scheduler(SchedulerBooks):
             return True
         return False
 
+    def fail_in_flight(self, error: str) -> int:
+        """After a step raised: fail every request the step may have touched (running, being
+        prefilled or admitted) with a 500, and start the KV books afresh. The engine keeps
+        serving; queued requests hold no KV and run normally. Returns how many were failed.
+
+        Their partly written KV must never reach the radix cache, so nothing is inserted: with no
+        request left holding slots, the whole pool (cached prefixes included) is simply reset."""
+        untouched = {id(r) for r in self.waiting} | {id(r) for r in self.grammar_queue.pending}
+        failed = [r for r in self.reqs.values() if id(r) not in untouched]
+        self.running, self.chunked_req = [], None
+        for r in failed:
+            r.finish_abort(f"Internal error in the engine: {error}", status_code=500)
+            r.req_pool_idx, r.kv_len, r.fill_ids = None, 0, []
+            self.reqs.pop(r.rid, None)
+        self.mem.reset()
+        self.total_cached = self.total_prefill = 0
+        self.books_checked = False
+        self._emit(failed)
+        return len(failed)
+
     def _admit_grammars(self) -> None:
         ready, failed = self.grammar_queue.poll()
         self.waiting.extend(ready)
