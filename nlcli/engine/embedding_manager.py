@@ -19,6 +19,7 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
+from nlcli.engine.generate_input import is_int_list, request_rids
 from nlcli.engine.http_utils import finals_or_disconnect, json_response, native_error, read_json
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.tokenizer_manager import EngineDeadError, ReqState
@@ -42,10 +43,6 @@ class EmbedItem:
     rid: str
 
 
-def _is_int_list(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-
 def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
     """Normalize an /encode body into (items, is_batch); ValueError with the field's problem."""
     if not isinstance(body, dict):
@@ -64,24 +61,14 @@ def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
             raise ValueError("text must not be empty.")
         inputs = [(p, None) for p in prompts]
     else:
-        if _is_int_list(ids) and ids:
+        if is_int_list(ids) and ids:
             id_prompts, is_batch = [ids], False
-        elif isinstance(ids, list) and ids and all(_is_int_list(x) and x for x in ids):
+        elif isinstance(ids, list) and ids and all(is_int_list(x) and x for x in ids):
             id_prompts, is_batch = list(ids), True
         else:
             raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
         inputs = [(None, list(x)) for x in id_prompts]
-    rid = body.get("rid")
-    if is_batch:
-        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
-            raise ValueError("rid must be a list of strings when the input is a batch.")
-        if rid is not None and len(rid) != len(inputs):
-            raise ValueError(f"rid has {len(rid)} entries but the batch has {len(inputs)} inputs.")
-        rids = rid or [None] * len(inputs)
-    else:
-        if rid is not None and not isinstance(rid, str):
-            raise ValueError("rid must be a string.")
-        rids = [rid]
+    rids = request_rids(body.get("rid"), len(inputs), is_batch, "inputs")
     items = [EmbedItem(t, i, r or uuid.uuid4().hex) for (t, i), r in zip(inputs, rids)]
     if len({it.rid for it in items}) != len(items):
         raise ValueError("rid entries must be distinct.")

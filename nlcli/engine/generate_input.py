@@ -26,8 +26,22 @@ class GenItem:
     return_text_in_logprobs: bool = False
 
 
-def _is_int_list(x: Any) -> bool:
+def is_int_list(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def request_rids(rid: Any, count: int, is_batch: bool, noun: str) -> list[Optional[str]]:
+    """The client's `rid` as one entry per input (None where a fresh id is to be made); a batch
+    needs a list of strings of the batch's length, a single input a string."""
+    if is_batch:
+        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
+            raise ValueError("rid must be a list of strings when the input is a batch.")
+        if rid is not None and len(rid) != count:
+            raise ValueError(f"rid has {len(rid)} entries but the batch has {count} {noun}.")
+        return rid or [None] * count
+    if rid is not None and not isinstance(rid, str):
+        raise ValueError("rid must be a string.")
+    return [rid]
 
 
 def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
@@ -49,16 +63,16 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
         if is_batch and not prompts:
             raise ValueError("text must not be an empty list.")
     if ids is not None:
-        if _is_int_list(ids) and ids:
+        if is_int_list(ids) and ids:
             id_prompts = [ids]
-        elif isinstance(ids, list) and ids and all(_is_int_list(x) for x in ids):
+        elif isinstance(ids, list) and ids and all(is_int_list(x) for x in ids):
             id_prompts = list(ids)
         else:
             raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
         if any(not x for x in id_prompts):
             raise ValueError("input_ids must not be empty.")
         if text is None:
-            is_batch = not _is_int_list(ids)
+            is_batch = not is_int_list(ids)
         prompts = [None] * len(id_prompts)
     else:
         id_prompts = [None] * len(prompts)
@@ -87,17 +101,7 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
 
-    rid = body.get("rid")
-    if is_batch or n > 1:
-        if rid is not None and not (isinstance(rid, list) and all(isinstance(r, str) for r in rid)):
-            raise ValueError("rid must be a list of strings when the input is a batch.")
-        if rid is not None and len(rid) != len(prompts):
-            raise ValueError(f"rid has {len(rid)} entries but the batch has {len(prompts)} prompts.")
-        rids = rid or [None] * len(prompts)
-    else:
-        if rid is not None and not isinstance(rid, str):
-            raise ValueError("rid must be a string.")
-        rids = [rid]
+    rids = request_rids(body.get("rid"), len(prompts), is_batch or n > 1, "prompts")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValueError("stream must be a boolean.")

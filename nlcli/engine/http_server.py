@@ -22,7 +22,8 @@ from nlcli import __version__
 from nlcli.engine.embedding_manager import NOT_GENERATION_MESSAGE, register_embedding_routes
 from nlcli.engine.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                      last_output, native_error, read_json)
-from nlcli.engine.tokenizer_manager import EngineDeadError, TokenizerManager, parse_generate
+from nlcli.engine.generate_input import parse_generate
+from nlcli.engine.tokenizer_manager import EngineDeadError, TokenizerManager
 from nlcli.engine.weight_update_manager import register_weight_update_routes
 
 logger = logging.getLogger("nlcli.http")

@@ -20,7 +20,8 @@ from fastapi.responses import Response
 
 from nlcli.engine.http_utils import engine_rejection, finals_or_disconnect, json_response, last_output
 from nlcli.engine.openai_protocol import BadRequest, error_body, finish_reason, matched_stop, usage
-from nlcli.engine.tokenizer_manager import EngineDeadError, parse_generate
+from nlcli.engine.generate_input import parse_generate
+from nlcli.engine.tokenizer_manager import EngineDeadError
 
 logger = logging.getLogger("nlcli.openai")
 

@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from nlcli.engine.detokenizer import IncrementalDetokenizer
-from nlcli.engine.generate_input import GenItem, parse_generate  # noqa: F401 (re-exported)
+from nlcli.engine.generate_input import GenItem
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
                                     FlushCacheReqOutput, Heartbeat, TokenizedGenerateReqInput)
 from nlcli.engine.logprob_meta import LogprobAccumulator
