@@ -21,7 +21,7 @@ import torch
 
 def build_runner(threads: int, pool: int):
     from nlcli.engine.args import ServerArgs
-    from nlcli.engine.model_runner import ModelRunner
+    from nlcli.engine.model_executor.model_runner import ModelRunner
 
     args = ServerArgs(dtype="float32", device="cpu", max_total_tokens=pool, max_running_requests=64,
                       num_threads=threads)

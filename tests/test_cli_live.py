@@ -19,7 +19,7 @@ NL = os.path.join(os.path.dirname(sys.executable), "nl")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     srv = start_server(str(tmp_path_factory.mktemp("cli-live")),
                        ["--max-total-tokens", "4096", "--context-length", "1024", "--api-key", KEY],

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlcli.engine.embedding_config import EmbeddingConfig, read_embedding_config
+from nlcli.engine.configs.embedding_config import EmbeddingConfig, read_embedding_config
 from nlcli.engine.forward_batch import ForwardBatch
 from nlcli.engine.layers.pooler import Pooler, PoolingType, pool
 from nlcli.engine.models.bert import BertModel, RobertaModel
@@ -63,9 +63,9 @@ def _run(model, ids, token_type_ids=None) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def minilm():
     """MiniLM loaded the way the engine loads it: ModelSource -> loader -> BertModel(hf_config)."""
-    from nlcli.engine.loader import load_model
-    from nlcli.engine.model_config import ModelConfig
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.model_loader.loader import load_model
+    from nlcli.engine.configs.model_config import ModelConfig
+    from nlcli.engine.configs.model_source import resolve_model_source
     from nlcli.engine.models.registry import register_model
 
     path = _minilm_dir()
@@ -192,9 +192,9 @@ def test_context_len_stops_at_the_position_table(tmp_path):
     """RoBERTa's positions start at padding_idx + 1, so 64 position embeddings hold 62 tokens: the
     runner's context_len must refuse longer inputs (they used to crash the engine mid-step)."""
     from nlcli.engine.args import ServerArgs
-    from nlcli.engine.model_config import ModelConfig
-    from nlcli.engine.model_runner import ModelRunner
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_config import ModelConfig
+    from nlcli.engine.model_executor.model_runner import ModelRunner
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     hf, _ = _tiny_pair("roberta")
     hf.config.architectures = ["RobertaModel"]

@@ -18,7 +18,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     source = resolve_model_source(None)
     runner = make_runner(None, max_total_tokens=1024, max_running_requests=8)

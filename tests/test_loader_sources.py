@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nlcli.engine.model_source import ModelSourceError, resolve_model_source
+from nlcli.engine.configs.model_source import ModelSourceError, resolve_model_source
 from tests.tiny_models import build_tiny_model, make_runner
 
 
@@ -81,7 +81,7 @@ def test_hub_repo_id_from_warm_cache_offline(tiny_model_dir, tmp_path, monkeypat
 
 def test_hub_without_network_fails_fast_with_a_clear_message(tmp_path):
     code = (
-        "from nlcli.engine.model_source import resolve_model_source\n"
+        "from nlcli.engine.configs.model_source import resolve_model_source\n"
         "try:\n    resolve_model_source('someorg/not-cached')\n"
         "except Exception as e:\n    print(type(e).__name__, e)\n"
     )
@@ -108,7 +108,7 @@ def test_unknown_architecture_lists_supported():
 
 
 def test_gguf_qk_unpermute_inverts_llama_cpp_layout():
-    from nlcli.engine.gguf_weights import _unpermute, hf_name
+    from nlcli.engine.model_loader.gguf import _unpermute, hf_name
 
     n_head, head_dim, hidden = 3, 8, 5
     w = np.random.default_rng(0).standard_normal((n_head * head_dim, hidden)).astype(np.float32)
@@ -123,7 +123,7 @@ def test_gguf_qk_unpermute_inverts_llama_cpp_layout():
 def test_load_progress_passes_every_tensor_and_stays_silent_off_a_terminal(capsys, monkeypatch):
     import sys
 
-    from nlcli.engine.loader import with_progress
+    from nlcli.engine.model_loader.loader import with_progress
 
     items = [(f"w{i}", i) for i in range(7)]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nlcli.engine.io_struct import Heartbeat
-from nlcli.engine.metrics import HEARTBEAT_GAUGES, EngineMetrics, mount_metrics
+from nlcli.engine.api.metrics import HEARTBEAT_GAUGES, EngineMetrics, mount_metrics
 
 SPEC_NAMES = [
     "sglang:num_running_reqs", "sglang:num_used_tokens", "sglang:token_usage",

@@ -289,7 +289,7 @@ def test_bad_requests_raise_typed_errors(client, server):
 
 
 def test_chat_without_template_is_a_clear_400(tok):
-    from nlcli.engine.chat_template import ChatTemplate, load_chat_template
+    from nlcli.engine.api.openai.chat_template import ChatTemplate, load_chat_template
 
     assert load_chat_template(None, tok) is None  # the byte tokenizer ships no template
     with pytest.raises(ValueError, match="--chat-template"):

@@ -25,7 +25,7 @@ PERSON = {"type": "object",
 
 @pytest.fixture(scope="module")
 def source():
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     return resolve_model_source(None)
 

@@ -151,7 +151,7 @@ def test_decoder_embedding_loads_a_causal_lm_checkpoint():
 
 
 def test_mean_pooling_decoder_refuses_a_cached_prefix():
-    from nlcli.engine.embedding_config import EmbeddingConfig
+    from nlcli.engine.configs.embedding_config import EmbeddingConfig
 
     cfg = tiny_config("qwen2", VOCAB)
     ours = decoder_embedding.Qwen2EmbeddingModel(cfg, EmbeddingConfig("mean", True))

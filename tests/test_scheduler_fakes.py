@@ -194,7 +194,7 @@ def _byte_of(ch: str) -> int:
 
 def test_fake_runner_matches_its_reference():
     from nlcli.engine.args import ServerArgs
-    from nlcli.engine.scheduler import Scheduler
+    from nlcli.engine.scheduler.scheduler import Scheduler
     from nlcli.engine.io_struct import TokenizedGenerateReqInput
 
     runner = FakeModelRunner(pool_size=256)

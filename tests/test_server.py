@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from nlcli.engine.args import ServerArgs
-from nlcli.engine.http_server import FLUSH_TEXT
+from nlcli.engine.api.http_server import FLUSH_TEXT
 from tests.test_scheduler_fakes import EOS_ID, LiveServer, reference_greedy
 
 pytestmark = pytest.mark.slow  # one server start per module (~20 s on 2 cores)

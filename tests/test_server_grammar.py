@@ -26,7 +26,7 @@ CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Rome", "Quito", "
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     srv = LiveServer(str(tmp_path_factory.mktemp("srv_gr")),
                      ["--max-total-tokens", "8192", "--context-length", "1024"],

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nlcli.engine.weight_update import update_weights_from_disk
+from nlcli.engine.model_loader.weight_update import update_weights_from_disk
 from tests.tiny_models import (
     EngineDriver,
     copy_model_with,
@@ -189,7 +189,7 @@ def _write_gguf(hf_dir: str, path: str) -> None:
     permuted for its rotary layout), so the update exercises the GGUF reader's inverse."""
     import gguf
 
-    from nlcli.engine.gguf_weights import hf_name
+    from nlcli.engine.model_loader.gguf import hf_name
 
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]

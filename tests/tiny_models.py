@@ -37,7 +37,7 @@ _TINY = dict(
 
 def smollm2_tokenizer_dir() -> str:
     """HF-format dir with SmolLM2's tokenizer (converted once from the embedded GGUF, then cached)."""
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     return resolve_model_source(None).local_dir
 
@@ -122,7 +122,7 @@ def perturbed_copy(src_dir: str, out_dir: str) -> str:
 
 
 def make_runner(model_path: str, **overrides):
-    from nlcli.engine.model_runner import ModelRunner
+    from nlcli.engine.model_executor.model_runner import ModelRunner
 
     kw = dict(model_path=model_path, dtype="float32", device="cpu", max_total_tokens=4096, max_running_requests=32)
     kw.update(overrides)

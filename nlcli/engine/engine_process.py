@@ -32,7 +32,7 @@ def _make_runner(server_args):
     if factory:
         module, _, attr = factory.partition(":")
         return getattr(importlib.import_module(module), attr)(server_args)
-    from nlcli.engine.model_runner import ModelRunner
+    from nlcli.engine.model_executor.model_runner import ModelRunner
 
     return ModelRunner(server_args)
 
@@ -69,8 +69,8 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
     import zmq
 
     from nlcli.engine.io_struct import EngineReady, ShutdownReq
-    from nlcli.engine.scheduler import Scheduler
-    from nlcli.engine.scheduler_books import MemoryLeakError
+    from nlcli.engine.scheduler.scheduler import Scheduler
+    from nlcli.engine.scheduler.books import MemoryLeakError
 
     configure_logging(server_args.log_level, " TP0")
     log = logging.getLogger("nlcli.engine")

@@ -66,7 +66,7 @@ def _embedding_only(source) -> bool:
 def launch_server(args) -> int:
     args = args.with_seed()
     configure_logging(args.log_level, "")
-    from nlcli.engine.model_source import resolve_model_source
+    from nlcli.engine.configs.model_source import resolve_model_source
 
     try:
         source = resolve_model_source(args.model_path, args.is_embedding, args.revision,
@@ -100,8 +100,8 @@ def launch_server(args) -> int:
 
 
 async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
-    from nlcli.engine.http_server import create_app
-    from nlcli.engine.tokenizer_manager import TokenizerManager
+    from nlcli.engine.api.http_server import create_app
+    from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
     tokenizer = await asyncio.to_thread(source.load_tokenizer, args.tokenizer_path)
     tm = TokenizerManager(args, tokenizer, in_addr, out_addr)

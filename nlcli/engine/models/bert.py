@@ -3,7 +3,7 @@
 The batch is packed like an extend batch: every sequence's tokens back to back, with per-sequence
 lengths. Attention is bidirectional within a sequence and never crosses sequences; there is no KV
 cache, since an encoder reads each input once. The model ends in a `Pooler` configured from the
-checkpoint's sentence-transformers files (see `nlcli.engine.embedding_config`).
+checkpoint's sentence-transformers files (see `nlcli.engine.configs.embedding_config`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlcli.engine.embedding_config import EmbeddingConfig, embedding_config_for
+from nlcli.engine.configs.embedding_config import EmbeddingConfig, embedding_config_for
 from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, Pooler
 
 _ACTIVATIONS = {

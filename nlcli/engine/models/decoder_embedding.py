@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from nlcli.engine.embedding_config import EmbeddingConfig, embedding_config_for
+from nlcli.engine.configs.embedding_config import EmbeddingConfig, embedding_config_for
 from nlcli.engine.forward_batch import ForwardBatch
 from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, Pooler, PoolingType
 from nlcli.engine.models.llama import (

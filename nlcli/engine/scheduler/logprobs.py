@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from nlcli.engine.io_struct import LogprobDelta
-from nlcli.engine.req import Req
+from nlcli.engine.scheduler.req import Req
 from nlcli.engine.sampling.logprobs import input_logprob_rows, token_logprobs, top_logprobs_of
 from nlcli.engine.sampling.sampler import SampleOutput
 

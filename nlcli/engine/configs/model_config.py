@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from nlcli.engine.model_source import ModelSource
+from nlcli.engine.configs.model_source import ModelSource
 
 
 @dataclass

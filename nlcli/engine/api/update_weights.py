@@ -6,7 +6,7 @@ engine to finish, then the engine is asked to update; held requests go out once 
 their arrival order, so they run on whichever weights are then served. On success the server
 args and model info report the new `model_path` / `load_format`.
 
-The engine's half is `nlcli.engine.weight_update_step`. Importing this module imports no torch.
+The engine's half is `nlcli.engine.scheduler.weight_update`. Importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
-from nlcli.engine.http_utils import json_response, read_json
+from nlcli.engine.api.http_utils import json_response, read_json
 from nlcli.engine.io_struct import TokenizedGenerateReqInput, UpdateWeightReq, UpdateWeightReqOutput
 
 logger = logging.getLogger("nlcli.weight_update")

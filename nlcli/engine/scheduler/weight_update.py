@@ -2,7 +2,7 @@
 
 The scheduler keeps an `UpdateWeightReq` pending until nothing is running, half-prefilled or
 queued (the API process holds new requests meanwhile, see `weight_update_manager`), then calls
-`apply_weight_update`: `nlcli.engine.weight_update` does the all-or-nothing load, and on success
+`apply_weight_update`: `nlcli.engine.model_loader.weight_update` does the all-or-nothing load, and on success
 the radix cache is flushed, since its K/V were computed by the old weights.
 """
 
@@ -18,7 +18,7 @@ logger = logging.getLogger("nlcli.scheduler")
 
 def apply_weight_update(sched: Any, msg: UpdateWeightReq) -> UpdateWeightReqOutput:
     """Run in the scheduler's loop with no request running or queued."""
-    from nlcli.engine.weight_update import update_weights_from_disk
+    from nlcli.engine.model_loader.weight_update import update_weights_from_disk
 
     runner = sched.runner
     logger.info("Update weights begin. model_path=%s", msg.model_path)

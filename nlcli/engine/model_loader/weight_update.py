@@ -25,8 +25,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from nlcli.engine.loader import iter_weights
-from nlcli.engine.model_source import GGUF_ARCHITECTURES, ModelSource, resolve_model_source
+from nlcli.engine.model_loader.loader import iter_weights
+from nlcli.engine.configs.model_source import GGUF_ARCHITECTURES, ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from nlcli.engine.openai_protocol import (CompletionRequest, legacy_logprobs, normalize_prompt,
+from nlcli.engine.api.openai.protocol import (CompletionRequest, legacy_logprobs, normalize_prompt,
                                           parse_request, sampling_dict)
-from nlcli.engine.openai_serving import OpenAIServing, choice
+from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT = "text_completion"
 

@@ -14,7 +14,7 @@ import torch
 
 from nlcli.engine.forward_batch import ForwardBatch
 from nlcli.engine.mem_cache.radix_cache import RadixCache
-from nlcli.engine.req import Req
+from nlcli.engine.scheduler.req import Req
 from nlcli.engine.sampling.sampler import SampleOutput, SamplingBatchInfo
 
 

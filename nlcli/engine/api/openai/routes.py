@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 
-from nlcli.engine.http_utils import json_response
-from nlcli.engine.openai_chat import ChatServing
-from nlcli.engine.openai_completions import CompletionServing
-from nlcli.engine.openai_embeddings import EmbeddingServing
-from nlcli.engine.openai_serving import error_response
+from nlcli.engine.api.http_utils import json_response
+from nlcli.engine.api.openai.chat import ChatServing
+from nlcli.engine.api.openai.completions import CompletionServing
+from nlcli.engine.api.openai.embeddings import EmbeddingServing
+from nlcli.engine.api.openai.serving import error_response
 
 
 def register_openai_routes(app, tm, args) -> None:

@@ -19,10 +19,10 @@ import zmq
 import zmq.asyncio
 
 from nlcli.engine.detokenizer import IncrementalDetokenizer
-from nlcli.engine.generate_input import GenItem
+from nlcli.engine.api.native_input import GenItem
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
                                     FlushCacheReqOutput, Heartbeat, TokenizedGenerateReqInput)
-from nlcli.engine.logprob_meta import LogprobAccumulator
+from nlcli.engine.api.logprobs import LogprobAccumulator
 from nlcli.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger("nlcli.tokenizer_manager")

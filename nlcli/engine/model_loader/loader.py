@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from nlcli.engine.model_config import ModelConfig
-from nlcli.engine.model_source import ModelSource
+from nlcli.engine.configs.model_config import ModelConfig
+from nlcli.engine.configs.model_source import ModelSource
 from nlcli.engine.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iter_weights(source: ModelSource, hf_config=None) -> Iterator[tuple[str, torch.Tensor]]:
     if source.format == "gguf":
-        from nlcli.engine.gguf_weights import iter_gguf_weights
+        from nlcli.engine.model_loader.gguf import iter_gguf_weights
 
         return iter_gguf_weights(source.weight_files[0], hf_config or source.hf_config())
     return iter_safetensors(source.weight_files)

@@ -8,10 +8,10 @@ import base64
 
 from fastapi import Request
 
-from nlcli.engine.embedding_manager import NOT_EMBEDDING_MESSAGE
-from nlcli.engine.http_utils import json_response
-from nlcli.engine.openai_protocol import BadRequest, EmbeddingRequest, normalize_prompt, parse_request
-from nlcli.engine.openai_serving import OpenAIServing, error_response
+from nlcli.engine.api.encode import NOT_EMBEDDING_MESSAGE
+from nlcli.engine.api.http_utils import json_response
+from nlcli.engine.api.openai.protocol import BadRequest, EmbeddingRequest, normalize_prompt, parse_request
+from nlcli.engine.api.openai.serving import OpenAIServing, error_response
 
 
 class EmbeddingServing(OpenAIServing):

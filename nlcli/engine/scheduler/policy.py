@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from nlcli.engine.req import Req
-from nlcli.engine.schedule_batch import KVMemory
+from nlcli.engine.scheduler.req import Req
+from nlcli.engine.scheduler.batch import KVMemory
 
 # Past this queue length lpm's prefix matching costs more than it saves (upstream uses 128 too).
 LPM_QUEUE_LIMIT = 128

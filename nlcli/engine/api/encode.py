@@ -19,10 +19,10 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
-from nlcli.engine.generate_input import is_int_list, request_rids
-from nlcli.engine.http_utils import finals_or_disconnect, json_response, native_error, read_json
+from nlcli.engine.api.native_input import is_int_list, request_rids
+from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, native_error, read_json
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
-from nlcli.engine.tokenizer_manager import EngineDeadError, ReqState
+from nlcli.engine.api.tokenizer_manager import EngineDeadError, ReqState
 
 logger = logging.getLogger("nlcli.embedding")
 
@@ -110,8 +110,8 @@ class EmbeddingManager:
     def embedding_config(self):
         """The checkpoint's sentence-transformers tokenization settings (read once)."""
         if self._config is None:
-            from nlcli.engine.embedding_config import EmbeddingConfig, read_embedding_config
-            from nlcli.engine.model_source import resolve_model_source
+            from nlcli.engine.configs.embedding_config import EmbeddingConfig, read_embedding_config
+            from nlcli.engine.configs.model_source import resolve_model_source
 
             try:
                 src = resolve_model_source(self.args.model_path, True, self.args.revision,

@@ -19,19 +19,19 @@ from collections import deque
 from typing import Callable, Optional
 
 from nlcli.engine.detokenizer import StopChecker
-from nlcli.engine.embedding_batch import (finish_embedding_batch, is_embedding_output,
+from nlcli.engine.scheduler.embedding import (finish_embedding_batch, is_embedding_output,
                                           takes_whole_inputs)
-from nlcli.engine.grammar_queue import GrammarQueue, advance_grammars
+from nlcli.engine.scheduler.grammar_queue import GrammarQueue, advance_grammars
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, FlushCacheReq, FlushCacheReqOutput,
                                     TokenizedGenerateReqInput, UpdateWeightReq)
-from nlcli.engine.logprob_collector import (collect_input_logprobs, collect_output_logprobs,
+from nlcli.engine.scheduler.logprobs import (collect_input_logprobs, collect_output_logprobs,
                                             logprob_delta)
 from nlcli.engine.mem_cache.radix_cache import RadixCache
-from nlcli.engine.req import Req
-from nlcli.engine.schedule_batch import KVMemory, prepare_decode, prepare_extend, sample_next_ids
-from nlcli.engine.schedule_policy import PrefillAdder, order_waiting
-from nlcli.engine.scheduler_books import SchedulerBooks
-from nlcli.engine.weight_update_step import apply_weight_update
+from nlcli.engine.scheduler.req import Req
+from nlcli.engine.scheduler.batch import KVMemory, prepare_decode, prepare_extend, sample_next_ids
+from nlcli.engine.scheduler.policy import PrefillAdder, order_waiting
+from nlcli.engine.scheduler.books import SchedulerBooks
+from nlcli.engine.scheduler.weight_update import apply_weight_update
 
 logger = logging.getLogger("nlcli.scheduler")
 
@@ -96,7 +96,7 @@ class Scheduler(SchedulerBooks):
         if self._tokenizer is None:
             src = getattr(self.runner, "source", None)
             if src is None:
-                from nlcli.engine.model_source import resolve_model_source
+                from nlcli.engine.configs.model_source import resolve_model_source
 
                 src = resolve_model_source(self.args.model_path, self.args.is_embedding,
                                            self.args.revision, self.args.download_dir)

@@ -17,7 +17,7 @@ import torch
 from nlcli.engine.args import ServerArgs
 from nlcli.engine.forward_batch import ForwardBatch, LogitsOutput
 from nlcli.engine.layers.attention import create_attn_backend
-from nlcli.engine.loader import load_model, weight_bytes
+from nlcli.engine.model_loader.loader import load_model, weight_bytes
 from nlcli.engine.mem_cache.pool import (
     ReqToTokenPool,
     TokenToKVPool,
@@ -25,8 +25,8 @@ from nlcli.engine.mem_cache.pool import (
     available_memory_bytes,
     profile_max_num_tokens,
 )
-from nlcli.engine.model_config import ModelConfig
-from nlcli.engine.model_source import ModelSource, resolve_model_source
+from nlcli.engine.configs.model_config import ModelConfig
+from nlcli.engine.configs.model_source import ModelSource, resolve_model_source
 
 if TYPE_CHECKING:
     from nlcli.engine.layers.pooler import EmbeddingPoolerOutput

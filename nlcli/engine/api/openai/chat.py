@@ -13,10 +13,10 @@ import orjson
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from nlcli.engine.chat_template import ChatTemplate, load_chat_template
-from nlcli.engine.openai_protocol import (BadRequest, ChatCompletionRequest, chat_logprobs,
+from nlcli.engine.api.openai.chat_template import ChatTemplate, load_chat_template
+from nlcli.engine.api.openai.protocol import (BadRequest, ChatCompletionRequest, chat_logprobs,
                                           parse_request, sampling_dict)
-from nlcli.engine.openai_serving import OpenAIServing, choice
+from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT, CHUNK_OBJECT = "chat.completion", "chat.completion.chunk"
 

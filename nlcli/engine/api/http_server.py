@@ -19,12 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from nlcli import __version__
-from nlcli.engine.embedding_manager import NOT_GENERATION_MESSAGE, register_embedding_routes
-from nlcli.engine.http_utils import (engine_rejection, finals_or_disconnect, json_response,
+from nlcli.engine.api.encode import NOT_GENERATION_MESSAGE, register_embedding_routes
+from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                      last_output, native_error, read_json)
-from nlcli.engine.generate_input import parse_generate
-from nlcli.engine.tokenizer_manager import EngineDeadError, TokenizerManager
-from nlcli.engine.weight_update_manager import register_weight_update_routes
+from nlcli.engine.api.native_input import parse_generate
+from nlcli.engine.api.tokenizer_manager import EngineDeadError, TokenizerManager
+from nlcli.engine.api.update_weights import register_weight_update_routes
 
 logger = logging.getLogger("nlcli.http")
 
@@ -167,7 +167,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
             return native_error(str(e))
         return Response(status_code=200)
 
-    from nlcli.engine.openai_api import register_openai_routes
+    from nlcli.engine.api.openai.routes import register_openai_routes
 
     register_openai_routes(app, tm, args)
 
@@ -182,7 +182,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     register_weight_update_routes(app, tm, on_weights_updated)
 
     if args.enable_metrics:
-        from nlcli.engine.metrics import mount_metrics
+        from nlcli.engine.api.metrics import mount_metrics
 
         mount_metrics(app, tm, args)
 

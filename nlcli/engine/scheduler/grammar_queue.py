@@ -14,7 +14,7 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
-from nlcli.engine.req import Req
+from nlcli.engine.scheduler.req import Req
 
 logger = logging.getLogger("nlcli.scheduler")
 

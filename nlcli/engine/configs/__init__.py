@@ -1,0 +1,1 @@
+"""Model sources and configs, torch-free: both processes read them."""

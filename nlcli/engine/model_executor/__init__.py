@@ -1,0 +1,1 @@
+"""Runs the model: weights, KV pools, attention backend, and the device/dtype/thread choice."""

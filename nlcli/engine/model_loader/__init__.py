@@ -1,0 +1,1 @@
+"""Loads weights (safetensors, GGUF) into nl's models, and swaps them in place for weight updates."""
