@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from nlcli.engine.api.native_input import is_int_list, request_rids
 from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, native_error, read_json
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
+from nlcli.engine.limits import check_input_len
 from nlcli.engine.api.tokenizer_manager import EngineDeadError, ReqState
 
 logger = logging.getLogger("nlcli.embedding")
@@ -141,13 +142,8 @@ class EmbeddingManager:
                                  f"(size {ready.vocab_size}).")
         else:
             ids = self.tokenize(item.text)
-        n, context = len(ids), self.tm.context_len
-        if n >= context:
-            raise ValueError(f"The input ({n} tokens) is longer than the model's context length "
-                             f"({context} tokens).")
-        if n >= self.tm.pool_size:
-            raise ValueError(f"The input ({n} tokens) is longer than the KV cache pool "
-                             f"({self.tm.pool_size} tokens).")
+        n = len(ids)
+        check_input_len(n, self.tm.context_len, self.tm.pool_size)
         if item.rid in self.tm.states:
             raise ValueError(f"rid {item.rid!r} is already in use.")
         from nlcli.engine.sampling.params import SamplingParams

@@ -22,6 +22,7 @@ from nlcli.engine.detokenizer import IncrementalDetokenizer
 from nlcli.engine.api.native_input import GenItem
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
                                     FlushCacheReqOutput, Heartbeat, TokenizedGenerateReqInput)
+from nlcli.engine.limits import check_input_len
 from nlcli.engine.api.logprobs import LogprobAccumulator
 from nlcli.engine.sampling.params import SamplingParams
 
@@ -199,12 +200,7 @@ class TokenizerManager:
         else:
             ids = self.tokenizer.encode(item.text)
         n = len(ids)
-        if n >= self.context_len:
-            raise ValueError(f"The input ({n} tokens) is longer than the model's context length "
-                             f"({self.context_len} tokens).")
-        if n >= self.pool_size:
-            raise ValueError(f"The input ({n} tokens) is longer than the KV cache pool "
-                             f"({self.pool_size} tokens).")
+        check_input_len(n, self.context_len, self.pool_size)
         sp = SamplingParams.from_dict(item.sampling)
         if self.ready.vocab_size:
             sp.verify_token_ids(self.ready.vocab_size)

@@ -26,6 +26,7 @@ from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, FlushCacheReq, Fl
                                     TokenizedGenerateReqInput, UpdateWeightReq)
 from nlcli.engine.scheduler.logprobs import (collect_input_logprobs, collect_output_logprobs,
                                             logprob_delta)
+from nlcli.engine.limits import check_input_len
 from nlcli.engine.mem_cache.radix_cache import RadixCache
 from nlcli.engine.scheduler.req import Req
 from nlcli.engine.scheduler.batch import KVMemory, prepare_decode, prepare_extend, sample_next_ids
@@ -108,10 +109,10 @@ class Scheduler(SchedulerBooks):
                   return_logprob=getattr(msg, "return_logprob", False),
                   logprob_start_len=getattr(msg, "logprob_start_len", -1),
                   top_logprobs_num=getattr(msg, "top_logprobs_num", 0))
-        if len(req.origin_input_ids) >= min(self.context_len, self.mem.size):
-            # The API process rejects these with a 400; this guards direct callers.
-            req.finish_abort(f"The input ({len(req.origin_input_ids)} tokens) does not fit the "
-                             f"KV cache pool ({self.mem.size} tokens) or context ({self.context_len}).")
+        try:  # the API process rejects these with a 400; this guards direct callers
+            check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
+        except ValueError as e:
+            req.finish_abort(str(e), status_code=400)
             self._emit([req])
             return
         sp = req.sampling_params
