@@ -116,6 +116,7 @@ class FakeModelRunner:
                                             eos_token_ids=[EOS_ID], is_generation=True, hf_config=None)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.source = None  # the scheduler finds the tokenizer from --model-path
         self.max_total_num_tokens = size
         self.req_to_token_pool = FakeReqToTokenPool(rows, context_len)
         self.token_to_kv_pool = SimpleNamespace(kv=torch.full((size + 1,), -1, dtype=torch.int64))
