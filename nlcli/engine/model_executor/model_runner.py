@@ -148,13 +148,12 @@ class ModelRunner:
         free_before = available_memory_bytes(self.device)
         self.model = load_model(self.model_config, self.source, self.dtype, self.device, server_args.load_format)
         self.weight_bytes = weight_bytes(self.model)
-        max_positions = getattr(self.model, "max_positions", None)
-        if max_positions is not None:
+        if self.model.max_positions is not None:
             # An encoder's position table can be shorter than its config's context (RoBERTa numbers
             # positions from padding_idx + 1); longer inputs must be refused, not crash the engine.
             # Inputs of context_len tokens or more are refused, hence the + 1.
             mc = self.model_config
-            mc.context_len = min(mc.context_len, int(max_positions()) + 1)
+            mc.context_len = min(mc.context_len, int(self.model.max_positions) + 1)
         self._init_memory_pool(free_before)
         self.attn_backend = create_attn_backend(
             server_args.attention_backend, self.device, self.req_to_token_pool, self.token_to_kv_pool
@@ -165,7 +164,7 @@ class ModelRunner:
         per_token = TokenToKVPool.bytes_per_token(self.dtype, mc.num_kv_heads, mc.head_dim, mc.num_layers)
         if args.max_total_tokens:
             size = int(args.max_total_tokens)
-        elif not getattr(self.model, "uses_kv_cache", True):
+        elif not self.model.uses_kv_cache:
             # Encoders keep no K/V: slots only meter how many tokens one batch may hold, so a
             # few prefill batches' worth is plenty (and costs no memory the model never uses).
             size = 4 * max(args.max_prefill_tokens, mc.context_len)
@@ -201,7 +200,7 @@ class ModelRunner:
         try:
             self.req_to_token_pool.req_to_token[rows[0], :2] = slots
             self.forward(ForwardBatch.create([[0]], [0], rows, slots[:1], self.device))
-            if getattr(self.model, "uses_kv_cache", True):  # encoders cannot extend a prefix
+            if self.model.uses_kv_cache:  # encoders cannot extend a prefix
                 self.forward(ForwardBatch.create([[0]], [1], rows, slots[1:], self.device))
         finally:
             self.token_to_kv_pool_allocator.free(slots)

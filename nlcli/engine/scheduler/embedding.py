@@ -10,6 +10,7 @@ token's state must see each input whole: no radix-cache prefix and no chunked pr
 from __future__ import annotations
 
 from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, PoolingType
+from nlcli.engine.models.base import EngineModel
 from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.output import OutputProcessor
 from nlcli.engine.scheduler.req import Req
@@ -18,15 +19,12 @@ from nlcli.engine.scheduler.req import Req
 EMBEDDING_FINISH = {"type": "length", "length": 0}
 
 
-def takes_whole_inputs(model) -> bool:
+def takes_whole_inputs(model: EngineModel) -> bool:
     """True when each input must be one whole extend (no cached prefix, no chunking)."""
-    if model is None:
-        return False
-    if getattr(model, "uses_kv_cache", True) is False:
+    if not model.uses_kv_cache:
         return True
-    pooler = getattr(model, "pooler", None)
     # Only the last token's state survives a cached prefix or an earlier chunk.
-    return pooler is not None and pooler.pooling is not PoolingType.LAST
+    return model.pooler is not None and model.pooler.pooling is not PoolingType.LAST
 
 
 def is_embedding_output(out) -> bool:

@@ -46,7 +46,7 @@ class Scheduler:
         self.context_len = int(cfg.context_len)
         eos_ids = set(cfg.eos_token_ids or [])
         # Encoders (and non-last-token pooling) must see each input whole: no prefix, no chunks.
-        self.whole_inputs = takes_whole_inputs(getattr(runner, "model", None))
+        self.whole_inputs = takes_whole_inputs(runner.model)
         self.mem = KVMemory(runner, server_args.disable_radix_cache or self.whole_inputs)
         self.books = SchedulerBooks(self.mem, strict=os.environ.get("NL_TEST_STRICT_LEAK") == "1")
         self.outputs = OutputProcessor(self.mem, send, eos_ids=eos_ids,
