@@ -75,6 +75,8 @@ def sample_next_ids(logits: torch.Tensor, reqs: list[Req], vocab_size: int,
     """Next token per request through the batched sampler (penalties, grammar masks, top-k/p,
     min_p, seeds), with raw logprobs when any request asked for them. `logits` is
     `[len(reqs), vocab_size]`, row i for reqs[i]."""
+    if logits.shape[-1] != vocab_size:  # a host-side shape check: no device sync
+        raise ValueError(f"logits have {logits.shape[-1]} columns, the vocabulary {vocab_size}")
     info = SamplingBatchInfo.from_reqs(
         [(r.sampling_params, r.output_ids, r.origin_input_ids) for r in reqs],
         vocab_size, logits.device, eos_token_ids=list(eos_token_ids),

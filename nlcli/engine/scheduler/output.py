@@ -43,18 +43,21 @@ class OutputProcessor:
         return list(self._live.values())
 
     # ---- after a forward -----------------------------------------------------------------
-    def append_tokens(self, reqs: list[Req], logits: torch.Tensor) -> list[Req]:
-        """Sample, append and check one token for each of `reqs` (row i of `logits` is reqs[i]);
-        emits and finishes; returns the requests that keep running, in order."""
-        live = [i for i, r in enumerate(reqs) if r.max_new_tokens != 0]
+    def append_tokens(self, reqs: list[Req], logits: torch.Tensor,
+                      rows: Optional[list[int]] = None) -> list[Req]:
+        """Sample, append and check one token for each of `reqs`; `logits[rows[i]]` (default
+        row i) belongs to reqs[i]. Emits and finishes; returns the requests that keep running."""
+        rows = list(range(len(reqs))) if rows is None else rows
+        live = [row for row, r in zip(rows, reqs) if r.max_new_tokens != 0]
         for r in reqs:
             if r.max_new_tokens == 0:  # scoring only: the prefill was all it asked for
                 r.finished_reason = {"type": "length", "length": 0}
-        live_reqs = [reqs[i] for i in live]
+        live_reqs = [r for r in reqs if r.max_new_tokens != 0]
         next_ids: list[int] = []
         if live_reqs:
-            rows = logits if len(live) == len(reqs) else logits[live]
-            sampled = sample_next_ids(rows, live_reqs, self.vocab_size, self.eos_ids)
+            # One row gather, and only when some rows are not sampled (chunks, scoring).
+            picked = logits if live == list(range(logits.shape[0])) else logits[live]
+            sampled = sample_next_ids(picked, live_reqs, self.vocab_size, self.eos_ids)
             next_ids = sampled.next_token_ids.tolist()
             if sampled.next_token_logprobs is not None:
                 collect_output_logprobs(live_reqs, sampled)

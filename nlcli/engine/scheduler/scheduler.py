@@ -214,9 +214,7 @@ class Scheduler:
                 if r.is_chunked:
                     self.mem.cache_chunk(r)
             if done:
-                logits = out.next_token_logits
-                self._append_tokens([batch[i] for i in done],
-                                    logits if len(done) == len(batch) else logits[done])
+                self._append_tokens([batch[i] for i in done], out.next_token_logits, done)
         self.books.log_prefill(len(batch), fb.num_tokens, cached, len(self.running),
                                len(self.waiting) + bool(self.chunked_req))
         return True
@@ -233,9 +231,9 @@ class Scheduler:
         if self.books.decode_steps % max(self.args.decode_log_interval, 1) == 0:
             self.books.log_decode(len(self.running), len(self.waiting))
 
-    def _append_tokens(self, reqs: list[Req], logits) -> None:
+    def _append_tokens(self, reqs: list[Req], logits, rows: Optional[list[int]] = None) -> None:
         """One sampled token each; finished requests leave, new ones join the running batch."""
-        keep = self.outputs.append_tokens(reqs, logits)
+        keep = self.outputs.append_tokens(reqs, logits, rows)
         self.books.count_generated(sum(r.max_new_tokens != 0 for r in reqs))
         known = {id(r) for r in self.running}
         self.running = [r for r in self.running if not r.finished] + [
