@@ -59,6 +59,9 @@ class FakeAllocator(_FreeList):
         self._held.update(out)
         return torch.tensor(out, dtype=torch.int64)
 
+    def is_held(self, slot: int) -> bool:
+        return slot in self._held
+
     def free(self, slots) -> None:
         for s in torch.as_tensor(slots).tolist():
             if s not in self._held:
