@@ -57,7 +57,7 @@ def test_pool_sized_from_memory_fraction(tiny_model_dir):
 
 
 def test_auto_dtype_on_cpu_is_justified():
-    from nlcli.engine.model_executor.model_runner import resolve_dtype
+    from nlcli.engine.model_executor.device import resolve_dtype
 
     dtype, why = resolve_dtype("auto", torch.device("cpu"))
     assert dtype in (torch.float32, torch.bfloat16) and why.startswith("auto")

@@ -1,19 +1,19 @@
-"""Logprob fields against a tiny transformers model: each prompt token's logprob recomputed from its
-own prefix, entry counts per logprob_start_len, and scoring reproducing generation logprobs."""
+"""Logprob fields against a tiny transformers model, through the live path: the engine's collector
+(scheduler/logprobs.py) fills a Req from an extend's logits and the sampler's output, its deltas
+go to the API's LogprobAccumulator, and the rendered meta_info is compared with each prompt token's
+logprob recomputed from its own prefix; entry counts per logprob_start_len; chunked prefill; and
+scoring reproducing generation logprobs."""
 
 import pytest
 import torch
 
-from nlcli.engine.sampling.logprobs import (
-    MAX_TOP_LOGPROBS_NUM,
-    input_logprob_rows,
-    input_logprobs,
-    output_logprobs,
-    top_logprobs_of,
-    verify_logprob_args,
-)
+from nlcli.engine.api.logprobs import LogprobAccumulator
+from nlcli.engine.sampling.logprobs import MAX_TOP_LOGPROBS_NUM, verify_logprob_args
 from nlcli.engine.sampling.params import SamplingParams
 from nlcli.engine.sampling.sampler import SamplingBatchInfo
+from nlcli.engine.scheduler.logprobs import (collect_input_logprobs, collect_output_logprobs,
+                                             logprob_delta)
+from nlcli.engine.scheduler.req import Req
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,40 @@ def _text(ids):
     return [f"<{i}>" for i in ids]
 
 
+class _Tok:
+    """What the accumulator needs of a tokenizer: one text per single-token list."""
+
+    def batch_decode(self, seqs, skip_special_tokens=False):
+        return [_text(s)[0] for s in seqs]
+
+
 PROMPT = [5, 17, 3, 44, 90, 8, 61, 23]
+
+
+def _req(ids, start, top=0, max_new_tokens=0):
+    sp = SamplingParams.from_dict({"temperature": 0, "max_new_tokens": max_new_tokens})
+    return Req("r", ids, sp, return_logprob=True, logprob_start_len=start, top_logprobs_num=top)
+
+
+def _prompt_meta(req, logits, chunks=None, text=False):
+    """Run the collector over `logits` (all rows of the prompt) as one extend, or as chunked
+    prefill with the given chunk sizes, then render the engine's delta in the API process."""
+    chunks = chunks or [len(req.origin_input_ids)]
+    start = 0
+    for ext in chunks:
+        req.prefix_indices = torch.zeros(start, dtype=torch.int64)  # prefix_len = start
+        collect_input_logprobs([req], [ext], logits[start: start + ext])
+        start += ext
+    acc = LogprobAccumulator(_Tok(), req.top_logprobs_num, return_text=text)
+    acc.add(logprob_delta(req), [])
+    return acc.meta()
 
 
 def test_input_logprobs_match_prefix_by_prefix_reference(model):
     full = _logits(model, PROMPT)
     ref = [torch.log_softmax(_logits(model, PROMPT[:j])[-1], -1)[PROMPT[j]].item()
            for j in range(1, len(PROMPT))]
-    out = input_logprobs(PROMPT, full, 0, top_logprobs_num=3, to_text=_text)
+    out = _prompt_meta(_req(PROMPT, 0, top=3), full, text=True)
     entries = out["input_token_logprobs"]
     assert len(entries) == len(PROMPT)
     assert entries[0] == [None, PROMPT[0], "<5>"]
@@ -62,42 +88,50 @@ def test_input_logprobs_match_prefix_by_prefix_reference(model):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_start_k_entry_count_and_values(model, k):
     full = _logits(model, PROMPT)
-    whole = input_logprobs(PROMPT, full, 0)["input_token_logprobs"]
-    out = input_logprobs(PROMPT, full, k)
+    whole = _prompt_meta(_req(PROMPT, 0), full)["input_token_logprobs"]
+    out = _prompt_meta(_req(PROMPT, k), full)
     entries = out["input_token_logprobs"]
     assert len(PROMPT) == k + 1 + len(entries)  # the spec's invariant
     assert entries == whole[k + 1:]
     assert all(e[2] is None for e in entries)  # text only when asked for
-    # A scheduler that keeps only the rows it needs gets the same answer.
-    first, last = input_logprob_rows(len(PROMPT), k)
-    assert input_logprobs(PROMPT, full[first:last], k, row_offset=first) == out
+    # Chunked prefill hands the collector the prompt's rows over several forwards: same answer.
+    for chunks in ([3, 3, 2], [1] * len(PROMPT), [k, len(PROMPT) - k]):
+        assert _prompt_meta(_req(PROMPT, k), full, chunks) == out
 
 
 def test_start_minus_one_is_empty(model):
-    out = input_logprobs(PROMPT, torch.empty(0, 97), -1, top_logprobs_num=2)
-    assert out == {"input_token_logprobs": [], "input_top_logprobs": [],
-                   "normalized_prompt_logprob": 0.0}
+    req = _req(PROMPT, -1, top=2)
+    assert not req.needs_input_logprobs and not req.return_all_logits
+    out = _prompt_meta(req, torch.empty(0, 97), chunks=[0])
+    assert {k: out[k] for k in ("input_token_logprobs", "input_top_logprobs",
+                                "normalized_prompt_logprob")} == {
+        "input_token_logprobs": [], "input_top_logprobs": [], "normalized_prompt_logprob": 0.0}
 
 
 def test_generation_logprobs_and_scoring_agree(model):
-    """Greedy decode with the sampler; then score prompt+output with start 0 like max_new_tokens=0."""
-    params = SamplingParams.from_dict({"temperature": 0})
-    ids, lps, tops = list(PROMPT), [], []
+    """Greedy decode with the sampler and the engine's output collector; then score prompt+output
+    with start 0 like max_new_tokens=0."""
+    req = _req(PROMPT, -1, top=2, max_new_tokens=6)
+    acc = LogprobAccumulator(_Tok(), 2, return_text=True)
     for _ in range(6):
-        logits = _logits(model, ids)[-1:]
-        info = SamplingBatchInfo.from_reqs([(params, ids[len(PROMPT):], PROMPT)], 97)
+        logits = _logits(model, req.all_ids)[-1:]
+        info = SamplingBatchInfo.from_reqs([(req.sampling_params, req.output_ids, PROMPT)], 97)
         out = info.sample(logits, return_logprobs=True)
-        ids.append(out.next_token_ids.item())
-        lps.append(out.next_token_logprobs.item())
-        tops += top_logprobs_of(out.logprobs, [0], [2])
+        collect_output_logprobs([req], out)
+        req.output_ids.append(out.next_token_ids.item())
+        acc.add(logprob_delta(req), req.output_ids[req.num_sent:])
+        req.num_sent = len(req.output_ids)
         ref = torch.log_softmax(logits[0], -1)
-        assert lps[-1] == pytest.approx(ref.max().item(), abs=1e-5)  # greedy picks the mode
-    gen = ids[len(PROMPT):]
-    res = output_logprobs(gen, lps, tops, to_text=_text)
+        assert req.output_token_logprobs[-1] == pytest.approx(ref.max().item(), abs=1e-5)
+    gen = req.output_ids
+    res = acc.meta()
     assert [e[1] for e in res["output_token_logprobs"]] == gen
+    assert [e[2] for e in res["output_token_logprobs"]] == _text(gen)
     assert all(top[0][1] == tok for top, tok in zip(res["output_top_logprobs"], gen))
+    lps = [e[0] for e in res["output_token_logprobs"]]
 
-    scored = input_logprobs(ids, _logits(model, ids), 0)["input_token_logprobs"]
+    ids = PROMPT + gen
+    scored = _prompt_meta(_req(ids, 0), _logits(model, ids))["input_token_logprobs"]
     assert [e[0] for e in scored[len(PROMPT):]] == pytest.approx(lps, abs=1e-4)
 
 

@@ -98,38 +98,69 @@ def test_disabled_cache_matches_nothing():
     assert tree.match_prefix([1, 2])[0].numel() == 0 and tree.total_size() == 0
 
 
+def _oracle_match(oracle: dict, ids: list[int]) -> list[int]:
+    """Slots of the longest cached prefix of `ids`, from the {prefix tuple: slot} oracle."""
+    out = []
+    for i in range(len(ids)):
+        slot = oracle.get(tuple(ids[: i + 1]))
+        if slot is None:
+            break
+        out.append(slot)
+    return out
+
+
 def test_random_workload_against_oracle():
-    """Random inserts/locks/evictions; every match equals a dict oracle of token-prefix -> slot."""
+    """Random inserts/locks/evictions against a real {token-prefix tuple: slot} dict: every
+    match_prefix equals the oracle's longest prefix, inserts report the oracle's shared length,
+    evictions free exactly the entries that leave the oracle (never a locked one), and the oracle
+    stays prefix-closed (only leaves are evicted)."""
     rng = random.Random(0)
     alloc = FakeAllocator(400)
     tree = RadixCache(alloc)
-    locks = []
-    for _ in range(300):
+    oracle: dict[tuple, int] = {}
+    locks: list[tuple] = []  # (node, the locked prefix's ids)
+
+    def drop_freed() -> int:
+        gone = [k for k, slot in oracle.items() if not alloc.is_held(slot)]
+        for k in gone:
+            del oracle[k]
+        return len(gone)
+
+    for _ in range(600):
         ids = [rng.randrange(4) for _ in range(rng.randint(1, 12))]
         op = rng.random()
         if op < 0.5 and alloc.available_size() + tree.evictable_size() >= len(ids):
             if alloc.available_size() < len(ids):
-                tree.evict(len(ids) - alloc.available_size())
-            _insert_fresh(tree, alloc, ids)
+                assert tree.evict(len(ids) - alloc.available_size()) == drop_freed()
+            had = _oracle_match(oracle, ids)
+            slots = alloc.alloc(len(ids))
+            shared = tree.insert(ids, slots)
+            alloc.free(slots[:shared])
+            assert shared == len(had)
+            for i in range(shared, len(ids)):
+                oracle[tuple(ids[: i + 1])] = int(slots[i])
         elif op < 0.7:
             _, node = tree.match_prefix(ids)
             tree.inc_lock_ref(node)
-            locks.append(node)
+            locks.append((node, ids[: len(_oracle_match(oracle, ids))]))
         elif op < 0.85 and locks:
-            tree.dec_lock_ref(locks.pop(rng.randrange(len(locks))))
+            tree.dec_lock_ref(locks.pop(rng.randrange(len(locks)))[0])
         else:
-            tree.evict(rng.randint(1, 20))
+            assert tree.evict(rng.randint(1, 20)) == drop_freed()
         assert _books(tree, alloc)
-        # Oracle: walk the tree's stored (key, value) edges and check match is consistent with it.
-        prefix, node = tree.match_prefix(ids)
-        n = prefix.numel()
+        assert tree.total_size() == len(oracle)
+        assert all(k[:-1] in oracle for k in oracle if len(k) > 1)  # prefix-closed
+        for _, held in locks:  # a locked prefix is never evicted
+            assert all(tuple(held[: i + 1]) in oracle for i in range(len(held)))
+        probe = ids if rng.random() < 0.5 else [rng.randrange(4) for _ in range(rng.randint(1, 12))]
+        prefix, node = tree.match_prefix(probe)
+        assert prefix.tolist() == _oracle_match(oracle, probe)
         path, cur = [], node
         while cur is not tree.root:
             path = cur.key + path
             cur = cur.parent
-        assert path == ids[:n]
-        assert len(set(prefix.tolist())) == n  # no slot appears twice on a path
-    for node in locks:
+        assert path == probe[: prefix.numel()]
+    for node, _ in locks:
         tree.dec_lock_ref(node)
     tree.evict_all()
     assert alloc.available_size() == alloc.size and tree.total_size() == 0

@@ -35,7 +35,7 @@ class Harness:
             self._collect()
             assert steps < max_steps
         self._collect()
-        self.sched.check_books()
+        self.sched.books.check()
         return steps
 
     def _collect(self):
@@ -134,7 +134,7 @@ def test_small_pool_retracts_and_resumes_identically():
     h.drain()
     for i, p in enumerate(prompts):
         assert h.ids[str(i)] == reference_greedy(p, 40, ignore_eos=True)
-    assert h.sched.num_retractions > 0
+    assert h.sched.books.num_retractions > 0
 
 
 def test_forced_retraction_is_deterministic(monkeypatch):
@@ -144,7 +144,7 @@ def test_forced_retraction_is_deterministic(monkeypatch):
     for i, p in enumerate(prompts):
         h.submit(str(i), p, greedy(30, ignore_eos=True))
     h.drain()
-    assert h.sched.num_retractions >= 5
+    assert h.sched.books.num_retractions >= 5
     for i, p in enumerate(prompts):
         assert h.ids[str(i)] == reference_greedy(p, 30, ignore_eos=True)
 
@@ -203,7 +203,7 @@ def test_books_check_raises_on_leak():
     h = Harness()
     h.runner.token_to_kv_pool_allocator.alloc(3)  # slots nobody accounts for
     with pytest.raises(MemoryLeakError):
-        h.sched.check_books()
+        h.sched.books.check()
 
 
 def test_next_token_oracle_depends_on_whole_context():

@@ -95,10 +95,9 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
 
     try:
         runner = _make_runner(server_args)
-        if hasattr(runner, "warmup"):
-            runner.warmup()
+        runner.warmup()
         sched = Scheduler(server_args, runner, send_obj)
-        if getattr(runner.model_config, "is_generation", True):
+        if runner.model_config.is_generation:
             _preload_tokenizer(sched, log)
     except Exception:
         log.exception("Engine failed to start")
@@ -112,7 +111,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
         max_prefill_tokens=server_args.max_prefill_tokens,
         max_running_requests=sched.max_running_requests, context_len=int(cfg.context_len),
         device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""),
-        is_generation=bool(getattr(cfg, "is_generation", True)),
+        is_generation=bool(cfg.is_generation),
         vocab_size=int(cfg.vocab_size), eos_token_ids=list(cfg.eos_token_ids or [])))
     watchdog = _Watchdog(server_args.watchdog_timeout)
     watchdog.start()

@@ -26,6 +26,7 @@ class LogitsProcessor(nn.Module):
         return LogitsOutput(next_token_logits=self._project(hidden if last is None else hidden[last], lm_head_weight))
 
     def _project(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # The one slice to the vocabulary (lm_head rows may be padded); the sampler relies on it.
         return torch.matmul(hidden, weight.t())[:, : self.vocab_size].float()
 
 

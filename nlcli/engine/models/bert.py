@@ -129,15 +129,13 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config, self._position_offset(config))
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = Pooler(self.embedding_config.pooling, self.embedding_config.normalize)
+        # Longest input the position table allows (RoBERTa numbers from padding_idx + 1).
+        self.max_positions = config.max_position_embeddings - self.embeddings.position_offset
         self.requires_grad_(False)  # inference only, like the decoder's parameters
 
     @staticmethod
     def _position_offset(config) -> int:
         return 0
-
-    def max_positions(self) -> int:
-        """Longest input the position table allows."""
-        return self.config.max_position_embeddings - self.embeddings.position_offset
 
     def encode(
         self,
@@ -167,8 +165,6 @@ class BertModel(nn.Module):
             # Bidirectional states of a prefix change with what follows: nothing can be reused.
             raise ValueError("encoder models cannot extend a cached prefix")
         lengths = forward_batch.extend_lens_cpu
-        if token_type_ids is None:
-            token_type_ids = getattr(forward_batch, "token_type_ids", None)
         return self.pooler(self.encode(input_ids, positions, lengths, token_type_ids), lengths)
 
     def _strip(self, name: str) -> str:

@@ -38,6 +38,7 @@ class DecoderBody:
         nn.Module.__init__(self)
         self.config = config
         self.model = LlamaModel(config, self.qkv_bias(config), self.o_bias(config), self.qk_norm)
+        self.pooler: Optional[Pooler] = None  # score heads take the last token; embedders pool
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def renamed() -> Iterator[tuple[str, torch.Tensor]]:

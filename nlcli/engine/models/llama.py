@@ -7,7 +7,7 @@ qkv / gate_up projections and is reused for weight updates.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -122,6 +122,9 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     # Per-family attention details; subclasses override.
     qk_norm = False
+    # EngineModel (models/base.py): rotary positions have no table to run past.
+    uses_kv_cache = True
+    max_positions: Optional[int] = None
 
     def qkv_bias(self, config) -> bool:
         return bool(getattr(config, "attention_bias", False))
@@ -137,6 +140,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.pooler = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

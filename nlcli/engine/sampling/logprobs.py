@@ -1,21 +1,19 @@
-"""Logprob fields of a /generate answer: `[logprob, token_id, text]` triples and top-k lists.
-
-Everything here works on raw logits (the model's distribution before temperature, penalties and
-grammar masks) and token ids; token text is filled by a callback (`to_text(ids) -> list[str]`) only
-when the client asked for it. Position conventions (API_SPEC 2.1): the logits row at prompt position
-i predicts prompt token i+1; the row at the last prompt position predicts the first output token.
+"""Logprob arithmetic on raw logits (the model's distribution before temperature, penalties and
+grammar masks): the request-level argument check, which prompt rows are needed, per-row logprobs
+and top-k. The engine's collector (scheduler/logprobs.py) gathers them per request; the API process
+builds the `[logprob, token_id, text]` triples (api/logprobs.py). Position conventions (API_SPEC
+2.1): the logits row at prompt position i predicts prompt token i+1; the row at the last prompt
+position predicts the first output token.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 # Cap on top_logprobs_num (stated in the README): bigger lists cost more than they tell.
 MAX_TOP_LOGPROBS_NUM = 20
-
-ToText = Optional[Callable[[list[int]], list[str]]]
 
 
 def verify_logprob_args(
@@ -68,82 +66,6 @@ def token_logprobs(
     vals, ids = torch.topk(lp, min(top_k, lp.shape[-1]), dim=-1)
     tops = [list(zip(v, i)) for v, i in zip(vals.tolist(), ids.tolist())]
     return chosen, tops
-
-
-def _texts(ids: list[int], to_text: ToText) -> list[Optional[str]]:
-    return list(to_text(ids)) if to_text is not None and ids else [None] * len(ids)
-
-
-def make_triples(
-    logprobs: Sequence[Optional[float]], ids: Sequence[int], to_text: ToText = None
-) -> list[list]:
-    texts = _texts(list(ids), to_text)
-    return [[lp, int(t), s] for lp, t, s in zip(logprobs, ids, texts)]
-
-
-def make_top_lists(
-    tops: Sequence[Optional[Sequence[tuple[float, int]]]], to_text: ToText = None
-) -> list[Optional[list[list]]]:
-    """One list of triples per position; a None position stays None (the first prompt token)."""
-    out: list[Optional[list[list]]] = []
-    for pos in tops:
-        if pos is None:
-            out.append(None)
-        else:
-            out.append(make_triples([v for v, _ in pos], [t for _, t in pos], to_text))
-    return out
-
-
-def input_logprobs(
-    prompt_ids: Sequence[int],
-    logits: torch.Tensor,
-    logprob_start_len: int,
-    top_logprobs_num: int = 0,
-    to_text: ToText = None,
-    row_offset: int = 0,
-) -> dict:
-    """`input_token_logprobs`, `input_top_logprobs`, `normalized_prompt_logprob` for one request.
-
-    `logits` holds raw rows for prompt positions row_offset, row_offset+1, ...; it must cover
-    `input_logprob_rows(len(prompt_ids), logprob_start_len)`.
-    Entry counts: -1 -> 0; 0 -> P (first is [None, t0, text]); k > 0 -> P - k - 1.
-    """
-    P = len(prompt_ids)
-    first, last = input_logprob_rows(P, logprob_start_len)
-    rows = logits[first - row_offset : last - row_offset]
-    targets = list(prompt_ids[first + 1 : last + 1])
-    lps, tops = token_logprobs(rows, targets, top_logprobs_num)
-    ids = targets
-    lp_list: list[Optional[float]] = list(lps)
-    top_list: list[Optional[list[tuple[float, int]]]] = list(tops or [])
-    if logprob_start_len == 0 and P > 0:
-        ids = [int(prompt_ids[0])] + ids
-        lp_list = [None] + lp_list
-        top_list = [None] + top_list
-    out = {
-        "input_token_logprobs": make_triples(lp_list, ids, to_text),
-        "normalized_prompt_logprob": (sum(lps) / len(lps)) if lps else 0.0,
-    }
-    # With top_logprobs_num == 0 the list is empty; the server decides whether to emit the key.
-    out["input_top_logprobs"] = make_top_lists(top_list, to_text) if top_logprobs_num > 0 else []
-    return out
-
-
-def output_logprobs(
-    output_ids: Sequence[int],
-    logprobs: Sequence[float],
-    tops: Optional[Sequence[Sequence[tuple[float, int]]]] = None,
-    to_text: ToText = None,
-) -> dict:
-    """`output_token_logprobs` (one triple per generated token) and `output_top_logprobs`.
-
-    `logprobs[i]` / `tops[i]` are what the sampler gave for output token i (see
-    `SampleOutput.next_token_logprobs` and `top_logprobs_of`); the scheduler accumulates them.
-    """
-    return {
-        "output_token_logprobs": make_triples(list(logprobs), output_ids, to_text),
-        "output_top_logprobs": make_top_lists(list(tops), to_text) if tops is not None else [],
-    }
 
 
 def top_logprobs_of(

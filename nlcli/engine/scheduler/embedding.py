@@ -9,52 +9,39 @@ token's state must see each input whole: no radix-cache prefix and no chunked pr
 
 from __future__ import annotations
 
-import logging
-
-from nlcli.engine.io_struct import BatchEmbeddingOut
-
-logger = logging.getLogger("nlcli.scheduler")
+from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, PoolingType
+from nlcli.engine.models.base import EngineModel
+from nlcli.engine.scheduler.cache import KVMemory
+from nlcli.engine.scheduler.output import OutputProcessor
+from nlcli.engine.scheduler.req import Req
 
 # What a finished embedding request reports: no token was generated.
 EMBEDDING_FINISH = {"type": "length", "length": 0}
 
 
-def takes_whole_inputs(model) -> bool:
+def takes_whole_inputs(model: EngineModel) -> bool:
     """True when each input must be one whole extend (no cached prefix, no chunking)."""
-    if model is None:
-        return False
-    if getattr(model, "uses_kv_cache", True) is False:
+    if not model.uses_kv_cache:
         return True
-    pooler = getattr(model, "pooler", None)
-    pooling = getattr(getattr(pooler, "pooling", None), "value", "last")
     # Only the last token's state survives a cached prefix or an earlier chunk.
-    return pooling != "last"
+    return model.pooler is not None and model.pooler.pooling is not PoolingType.LAST
 
 
 def is_embedding_output(out) -> bool:
-    return hasattr(out, "embeddings") and not hasattr(out, "next_token_logits")
+    return isinstance(out, EmbeddingPoolerOutput)
 
 
-def finish_embedding_batch(sched, batch_reqs: list, out, num_tokens: int, cached: int) -> bool:
+def finish_embedding_batch(batch_reqs: list[Req], out: EmbeddingPoolerOutput, mem: KVMemory,
+                           outputs: OutputProcessor) -> None:
     """After an embedding forward: keep chunked requests going, release and report the rest."""
-    done = []
+    done = [i for i, r in enumerate(batch_reqs) if not r.is_chunked]
     for r in batch_reqs:
         if r.is_chunked:
-            sched.mem.cache_chunk(r)
-        else:
-            done.append(r)
-    if done:
-        rows = [batch_reqs.index(r) for r in done]
-        vectors = out.embeddings[rows].float().cpu().tolist()
-        msg = BatchEmbeddingOut([], [], [], [])
-        for r, vec in zip(done, vectors):
-            r.finished_reason = dict(EMBEDDING_FINISH)
-            sched.mem.release(r)
-            sched.reqs.pop(r.rid, None)
-            msg.rids.append(r.rid)
-            msg.embeddings.append(vec)
-            msg.prompt_tokens.append(len(r.origin_input_ids))
-            msg.cached_tokens.append(r.cached_tokens or 0)
-        sched.send(msg)
-    sched._log_prefill(len(batch_reqs), num_tokens, cached)
-    return True
+            mem.cache_chunk(r)
+    if not done:
+        return
+    vectors = out.embeddings[done].float().cpu().tolist()
+    reqs = [batch_reqs[i] for i in done]
+    for r in reqs:
+        r.finished_reason = dict(EMBEDDING_FINISH)
+    outputs.finish_embeddings(reqs, vectors)

@@ -10,20 +10,39 @@ from __future__ import annotations
 
 from typing import Optional
 
+from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.req import Req
-from nlcli.engine.scheduler.batch import KVMemory
 
 # Past this queue length lpm's prefix matching costs more than it saves (upstream uses 128 too).
 LPM_QUEUE_LIMIT = 128
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class NewTokenRatio:
+    """How much of their remaining budget running requests are expected to still generate: it
+    starts at 0.7 * conservativeness, decays with each decode step, and jumps after a retraction
+    (admission was too optimistic)."""
+
+    def __init__(self, conservativeness: float):
+        self.conservativeness = conservativeness
+        self.base = 0.7 * conservativeness
+        self.value = self.base
+
+    def decay(self) -> None:
+        self.value = max(self.value - NEW_TOKEN_RATIO_DECAY,
+                         MIN_NEW_TOKEN_RATIO * self.conservativeness)
+
+    def after_retraction(self) -> None:
+        self.value = min(1.0, self.base + 0.3)
 
 
 def order_waiting(queue: list[Req], policy: str, mem: KVMemory) -> list[Req]:
-    if policy != "lpm" or len(queue) > LPM_QUEUE_LIMIT or mem.tree.disable:
+    if policy != "lpm" or len(queue) > LPM_QUEUE_LIMIT or not mem.caching:
         return list(queue)
     scored = []
     for req in queue:
-        prefix, _ = mem.tree.match_prefix(req.all_ids[:-1])
-        scored.append((-int(prefix.shape[0]), req.arrival, req))
+        scored.append((-mem.cached_prefix_len(req.all_ids[:-1]), req.arrival, req))
     scored.sort(key=lambda t: (t[0], t[1]))
     return [t[2] for t in scored]
 

@@ -9,16 +9,18 @@ this request holds locked.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+
+from nlcli.engine.sampling.params import SamplingParams
 
 _arrival = itertools.count()
 
 
 class Req:
-    def __init__(self, rid: str, input_ids: list[int], sampling_params: Any, stream: bool = False,
-                 return_logprob: bool = False, logprob_start_len: int = -1,
+    def __init__(self, rid: str, input_ids: list[int], sampling_params: SamplingParams,
+                 stream: bool = False, return_logprob: bool = False, logprob_start_len: int = -1,
                  top_logprobs_num: int = 0):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
@@ -74,7 +76,7 @@ class Req:
 
     @property
     def max_new_tokens(self) -> Optional[int]:
-        return getattr(self.sampling_params, "max_new_tokens", 128)
+        return self.sampling_params.max_new_tokens
 
     def remaining_new_tokens(self, context_len: int) -> int:
         room = context_len - len(self.origin_input_ids) - len(self.output_ids)
@@ -121,10 +123,9 @@ class Req:
             self.finished_reason = {"type": "length", "length": n_out}
             return
         last = self.output_ids[-1]
-        if getattr(sp, "ignore_eos", False):
+        if sp.ignore_eos:
             return
-        stop_ids = getattr(sp, "stop_token_ids", None) or ()
-        if last in eos_token_ids or last in stop_ids:
+        if last in eos_token_ids or last in sp.stop_token_ids:
             self.finished_reason = {"type": "stop", "matched": last}
 
     def check_stop_strings(self) -> None:

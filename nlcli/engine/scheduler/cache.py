@@ -1,0 +1,149 @@
+"""KVMemory: the scheduler's view of the runner's pools plus the radix cache that sits on them.
+
+Owns the per-request memory plan: matching and locking a request's cached prefix, allocating KV
+slots (evicting unlocked radix leaves when the allocator runs short), and, when a request finishes,
+is chunked or is retracted, inserting what it computed into the radix cache and freeing the rest.
+Books invariant (checked when idle): free + evictable + protected slots == pool size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from nlcli.engine.mem_cache.radix_cache import RadixCache
+from nlcli.engine.scheduler.req import Req
+
+
+@dataclass(frozen=True)
+class KVCounts:
+    """One snapshot of the slot and row books."""
+
+    size: int
+    free: int
+    evictable: int
+    protected: int
+    rows_free: int
+    rows_total: int
+
+
+class KVMemory:
+    def __init__(self, runner, disable_cache: bool):
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.allocator = runner.token_to_kv_pool_allocator
+        self.tree = RadixCache(self.allocator, disable=disable_cache)
+        self.device = runner.device
+
+    # ---- sizes ---------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(self.allocator.size)
+
+    @property
+    def caching(self) -> bool:
+        """Whether finished requests leave their prefixes in a radix cache."""
+        return not self.tree.disable
+
+    def available(self) -> int:
+        return int(self.allocator.available_size()) + self.tree.evictable_size()
+
+    def used(self) -> int:
+        """Slots not free and not merely cached: held by running requests or locked by them."""
+        return self.size - int(self.allocator.available_size()) - self.tree.evictable_size()
+
+    def free_slots(self) -> int:
+        return int(self.allocator.available_size())
+
+    def evictable(self) -> int:
+        return self.tree.evictable_size()
+
+    def counts(self) -> KVCounts:
+        pool = self.req_to_token_pool
+        return KVCounts(size=self.size, free=self.free_slots(), evictable=self.evictable(),
+                        protected=self.tree.protected_size(),
+                        rows_free=int(pool.available_size()), rows_total=int(pool.size))
+
+    def cached_prefix_len(self, ids: Sequence[int]) -> int:
+        """How many leading ids the radix cache holds (touches their LRU stamps)."""
+        return int(self.tree.match_prefix(ids)[0].shape[0])
+
+    # ---- whole pool ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every slot, row and cached prefix at once. Only safe when no request holds any
+        (after a failed step has failed every request in flight)."""
+        self.tree.reset()
+        self.allocator.clear()
+        self.req_to_token_pool.clear()
+
+    def flush(self) -> None:
+        """Hand every cached prefix back to the allocator (no request may hold one)."""
+        self.tree.evict_all()
+        self.tree.reset()
+
+    def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
+        short = n - int(self.allocator.available_size())
+        if short > 0:
+            self.tree.evict(short)
+        return self.allocator.alloc(n)
+
+    def alloc_rows(self, n: int) -> Optional[list[int]]:
+        return self.req_to_token_pool.alloc(n)
+
+    @property
+    def req_to_token(self) -> torch.Tensor:
+        return self.req_to_token_pool.req_to_token
+
+    # ---- requests ------------------------------------------------------------------------
+    def lock_prefix(self, req: Req, ids: list[int]) -> None:
+        """Match the cacheable head of `ids` (see `Req.max_prefix_match`) and lock it."""
+        prefix, node = self.tree.match_prefix(ids[: min(len(ids) - 1, req.max_prefix_match)])
+        self.tree.inc_lock_ref(node)
+        req.prefix_indices, req.last_node = prefix, node
+
+    def unlock_prefix(self, req: Req) -> None:
+        if req.last_node is not None:
+            self.tree.dec_lock_ref(req.last_node)
+        req.last_node = None
+        req.prefix_indices = torch.empty((0,), dtype=torch.int64)
+
+    def release(self, req: Req) -> None:
+        """Give back everything `req` holds; what it computed stays in the tree as evictable."""
+        if req.req_pool_idx is None:
+            self.unlock_prefix(req)
+            return
+        row = req.req_pool_idx
+        kv = self.req_to_token[row, : req.kv_len].to("cpu", torch.int64)
+        own_from = req.prefix_len
+        if self.tree.disable:
+            self.allocator.free(kv)  # nothing is shared without a tree
+        else:
+            shared = self.tree.insert(req.all_ids[: req.kv_len], kv)
+            # Slots past our locked prefix that the tree already had: our copies are duplicates.
+            if shared > own_from:
+                self.allocator.free(kv[own_from:shared])
+        self.unlock_prefix(req)
+        self.req_to_token_pool.free([row])
+        req.req_pool_idx = None
+        req.kv_len = 0
+        req.fill_ids = []
+
+    def cache_chunk(self, req: Req) -> None:
+        """After a non-final prefill chunk: put the chunk in the tree and lock it as the prefix."""
+        row = req.req_pool_idx
+        req.kv_len = len(req.fill_ids)
+        kv = self.req_to_token[row, : req.kv_len].to("cpu", torch.int64)
+        if self.tree.disable:
+            req.prefix_indices = kv
+            return
+        old_len = req.prefix_len
+        shared = self.tree.insert(req.fill_ids, kv)
+        if shared > old_len:
+            self.allocator.free(kv[old_len:shared])
+        new_prefix, new_node = self.tree.match_prefix(req.fill_ids)
+        self.req_to_token[row, old_len: len(new_prefix)] = new_prefix[old_len:].to(
+            self.req_to_token.device)
+        self.tree.inc_lock_ref(new_node)
+        self.tree.dec_lock_ref(req.last_node)
+        req.prefix_indices, req.last_node = new_prefix, new_node
