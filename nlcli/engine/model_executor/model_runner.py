@@ -187,8 +187,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput | EmbeddingPoolerOutput:
-        batch.attn_backend = self.attn_backend
-        self.attn_backend.init_forward_metadata(batch)
+        batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
 
     def warmup(self) -> float:
