@@ -22,7 +22,13 @@ from nlcli.engine.layers.triton_attention import (
     reference_kernels,
 )
 from tests.host_sync import HostSyncError, allow_host_sync, no_host_sync
+from tests.kernel_harness import load_kernels
 from tests.tiny_models import EngineDriver, make_runner
+
+# Import the kernel modules (for their references) the way the kernel tests want them loaded, so
+# this module does not push the kernel tests that follow it into a fresh process.
+load_kernels(["nlcli.kernels.decode_attention", "nlcli.kernels.extend_attention",
+              "nlcli.kernels.kv_store"])
 
 PROMPTS = [[1, 504, 3575, 282, 4649, 314], [9690, 198], list(range(300, 347)), [42]]
 
