@@ -17,6 +17,7 @@ import torch
 from nlcli.engine.args import ServerArgs
 from nlcli.engine.forward_batch import ForwardBatch, LogitsOutput
 from nlcli.engine.layers.attention import create_attn_backend
+from nlcli.engine.model_executor.cuda_graph_runner import create_cuda_graph_runner
 from nlcli.engine.model_loader.loader import load_model, weight_bytes
 from nlcli.engine.mem_cache.pool import (
     ReqToTokenPool,
@@ -159,6 +160,9 @@ class ModelRunner:
         self.attn_backend = create_attn_backend(
             server_args.attention_backend, self.device, self.req_to_token_pool, self.token_to_kv_pool
         )
+        self.cuda_graph_runner = create_cuda_graph_runner(
+            server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
+        )
 
     def _init_memory_pool(self, free_before: int) -> None:
         mc, args = self.model_config, self.server_args
@@ -187,6 +191,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput | EmbeddingPoolerOutput:
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
         batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
 
