@@ -106,8 +106,7 @@ def test_plan_lives_on_the_batch(runners):
     assert batch.attn_plan.max_extend_len == 3 and not batch.attn_plan.decode
     assert batch.attn_plan.qo_start_loc.tolist() == [0]
     triton_runner.token_to_kv_pool_allocator.free(slots)
-    driver.rows.pop(rid)
-    triton_runner.req_to_token_pool.free([0])
+    triton_runner.req_to_token_pool.free([driver.rows.pop(rid)])
 
 
 @pytest.mark.parametrize("bs,kv_heads,sms,max_seq,expected", [
