@@ -1,4 +1,4 @@
-"""The Triton kernels (attention, RMSNorm) compile for NVIDIA targets with the exact launch configs the wrappers use.
+"""The Triton kernels (attention, RMSNorm, KV store, SiLU-and-mul) compile for NVIDIA targets with the exact launch configs the wrappers use.
 
 The interpreter runs kernels as Python, so it cannot catch what only the compiler rejects (types of
 loop-carried values, tl.dot shape limits, shared memory). Triton's wheel bundles ptxas, so this
@@ -33,13 +33,15 @@ def _compile_all() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from nlcli.kernels import activation as act
     from nlcli.kernels import decode_attention as dec
     from nlcli.kernels import extend_attention as ext
+    from nlcli.kernels import kv_store as kv
     from nlcli.kernels import rmsnorm as norm
 
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     index_args = {"Req_to_token", "Req_pool_indices", "Seq_lens", "Prefix_lens", "Extend_lens",
-                  "Qo_start_loc"}
+                  "Qo_start_loc", "Loc"}
 
     def build(kernel, config, dtype, arch):
         constexprs = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
@@ -47,7 +49,7 @@ def _compile_all() -> list[dict]:
         for name in kernel.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
-            elif name in ("Q", "K_Buffer", "V_Buffer", "O", "X", "Residual", "W", "Out"):
+            elif name in ("Q", "K_Buffer", "V_Buffer", "O", "X", "Residual", "W", "Out", "K", "V"):
                 signature[name] = "*" + short[dtype]
             elif name in index_args:
                 signature[name] = "*i64"
@@ -70,10 +72,14 @@ def _compile_all() -> list[dict]:
         )
         extend = ext.extend_launch_config(head_dim, group, torch_dtype, True)
         rmsnorm = {**norm.rmsnorm_launch_config(num_heads * head_dim), "HAS_RESIDUAL": True}
+        store = kv.store_kv_launch_config(num_kv_heads, head_dim)
+        silu = act.silu_and_mul_launch_config(4 * num_heads * head_dim)
         for kernel, config in ((dec._decode_stage1_kernel, stage1),
                                (dec._decode_stage2_kernel, stage2),
                                (ext._extend_kernel, extend),
-                               (norm._rmsnorm_kernel, rmsnorm)):
+                               (norm._rmsnorm_kernel, rmsnorm),
+                               (kv._store_kv_kernel, store),
+                               (act._silu_and_mul_kernel, silu)):
             compiled = build(kernel, config, dtype, arch)
             results.append({
                 "case": label, "kernel": kernel.__name__, "arch": arch,
@@ -98,7 +104,7 @@ def test_kernels_compile_for_nvidia_targets():
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * len(CASES)
+    assert len(results) == 6 * len(CASES)
     for r in results:
         assert r["cubin"] > 0, r
         assert r["shared"] <= SHARED_LIMIT, r

@@ -46,8 +46,7 @@ class _Runner:
         self.attn_backend = TorchAttentionBackend(self.req_to_token_pool, self.token_to_kv_pool)
 
     def forward(self, batch):
-        batch.attn_backend = self.attn_backend
-        self.attn_backend.init_forward_metadata(batch)
+        batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
 
 

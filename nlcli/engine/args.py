@@ -87,6 +87,9 @@ class ServerArgs:
     attention_backend: str = _arg("auto", "Attention kernels.", ("auto", "torch_native", "triton"))
     sampling_backend: str = _arg("pytorch", "Sampler.", ("pytorch",))
     disable_cuda_graph: bool = _arg(False, "Do not capture CUDA graphs for decode.")
+    cuda_graph_max_bs: int = _arg(
+        160, "Largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, 8, then steps of 8)."
+    )
 
     # Weight updates
     weights_root: Optional[str] = _arg(None, "update_weights paths must lie under this directory.")

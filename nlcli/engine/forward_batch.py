@@ -46,13 +46,20 @@ class ForwardBatch:
     # When True the runner returns logits for every new token (prompt logprobs, scoring);
     # otherwise only for the last new token of each request.
     return_all_logits: bool = False
-    # Set by the model runner: the attention backend's per-forward plan (e.g. padded decode
-    # indices), computed once per forward and shared by every layer.
+    # Set by `plan_attention` (the model runner calls it): the attention backend every layer calls,
+    # and its plan for this forward (gather indices, kernel launch sizes), computed once and shared
+    # by every layer so no layer plans or syncs with the device.
     attn_backend: Optional[Any] = None
+    attn_plan: Optional[Any] = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def plan_attention(self, backend: Any) -> None:
+        """Attach `backend` and its plan for this batch (once per forward)."""
+        self.attn_backend = backend
+        self.attn_plan = backend.plan(self)
 
     @classmethod
     def create(

@@ -138,10 +138,13 @@ def extend_attention_fwd(
     sm_scale: float,
     *,
     max_extend_len: Optional[int] = None,
+    qo_start_loc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal attention of q [num_tokens, H, D] (requests packed) over paged K/V; write o.
 
-    Pass `max_extend_len` (known on the host from the batch) to avoid a device sync.
+    Pass `max_extend_len` (known on the host from the batch) to avoid a device sync, and
+    `qo_start_loc` (each request's first row in q: the exclusive cumsum of extend_lens) to share
+    one computation across layers.
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_group = kv_group_of(q, k_buffer, v_buffer, o)
@@ -153,7 +156,8 @@ def extend_attention_fwd(
         return o
     if max_extend_len is None:
         max_extend_len = int(extend_lens.max())
-    qo_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
+    if qo_start_loc is None:
+        qo_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
 
     config = extend_launch_config(head_dim, kv_group, q.dtype, q.is_cuda)
     grid = (bs, num_heads, triton.cdiv(max_extend_len, config["BLOCK_M"]))
@@ -183,9 +187,10 @@ def extend_attention_ref(
     sm_scale: float,
     *,
     max_extend_len: Optional[int] = None,
+    qo_start_loc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Torch reference of `extend_attention_fwd` (max_extend_len only sizes the Triton grid)."""
-    del max_extend_len
+    """Torch reference of `extend_attention_fwd` (the keyword extras only save the kernel work)."""
+    del max_extend_len, qo_start_loc
     num_heads = q.shape[1]
     kv_group = num_heads // k_buffer.shape[1]
     rows = lens_on(req_pool_indices, torch.device("cpu")).tolist()

@@ -1,15 +1,27 @@
 """RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
 
 Computed in float32 and cast back, as transformers does, so float32 and bfloat16 runs both match
-the reference implementation's rounding.
+the reference implementation's rounding. On CUDA the add and the norm run as one Triton kernel
+(nlcli/kernels/rmsnorm.py, same rounding) that updates the residual in place.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+
+@functools.lru_cache(maxsize=None)
+def fused_rmsnorm() -> Optional[Callable]:
+    """The Triton kernel, or None where Triton is missing (then torch does the work)."""
+    try:
+        from nlcli.kernels.rmsnorm import rmsnorm_fwd
+    except ImportError:
+        return None
+    return rmsnorm_fwd
 
 
 class RMSNorm(nn.Module):
@@ -19,7 +31,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual); the CUDA
+        kernel writes x + residual into `residual` itself (callers hand it over, never reuse it)."""
+        if x.is_cuda and (fused := fused_rmsnorm()) is not None:
+            if residual is not None and not residual.is_contiguous():
+                residual = residual.contiguous()
+            return fused(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x

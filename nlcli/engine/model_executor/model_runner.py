@@ -27,6 +27,7 @@ from nlcli.engine.mem_cache.pool import (
     available_memory_bytes,
     profile_max_num_tokens,
 )
+from nlcli.engine.model_executor.cuda_graph_runner import create_cuda_graph_runner
 from nlcli.engine.model_executor.device import apply_cpu_threads, choose_device_and_dtype
 from nlcli.engine.model_loader.loader import load_model, weight_bytes
 
@@ -58,6 +59,9 @@ class ModelRunner:
         self._init_memory_pool(free_before)
         self.attn_backend = create_attn_backend(
             server_args.attention_backend, self.device, self.req_to_token_pool, self.token_to_kv_pool
+        )
+        self.cuda_graph_runner = create_cuda_graph_runner(
+            server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
         )
 
     def _cap_context_to_positions(self) -> None:
@@ -95,8 +99,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput | EmbeddingPoolerOutput:
-        batch.attn_backend = self.attn_backend
-        self.attn_backend.init_forward_metadata(batch)
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
+        batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
 
     def warmup(self) -> float:
