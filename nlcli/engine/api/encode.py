@@ -19,11 +19,13 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
-from nlcli.engine.api.native_input import is_int_list, request_rids
 from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, native_error, read_json
+from nlcli.engine.api.native_input import is_int_list, request_rids
+from nlcli.engine.api.prepare import check_vocab
+from nlcli.engine.api.req_state import EngineDeadError, ReqState
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.limits import check_input_len
-from nlcli.engine.api.tokenizer_manager import EngineDeadError, ReqState
+from nlcli.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger("nlcli.embedding")
 
@@ -76,23 +78,12 @@ def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
     return items, is_batch
 
 
-class _NoText:
-    """Stands in for the detokenizer: an embedding request has no text, but an engine-side abort
-    still arrives as a token delta and must pass through the TokenizerManager unharmed."""
-
-    text = ""
-    matched_stop = None
-
-    def add(self, new_ids, final: bool = False) -> str:
-        return ""
-
-    def visible_text(self) -> str:
-        return ""
-
-
 class EmbeddingState(ReqState):
+    """An embedding request: no text to detokenize (an engine-side abort still passes through
+    the TokenizerManager as a token delta, with empty text)."""
+
     def __init__(self, rid: str, prompt_len: int):
-        super().__init__(rid, prompt_len, _NoText(), False)
+        super().__init__(rid, prompt_len, None, False)
 
 
 class EmbeddingManager:
@@ -100,7 +91,7 @@ class EmbeddingManager:
         self.tm = tm
         self.args = args
         self._config = None
-        tm.handlers[BatchEmbeddingOut] = self.on_output
+        tm.on_message(BatchEmbeddingOut, self.on_output)
 
     @property
     def serves_embeddings(self) -> bool:
@@ -133,43 +124,27 @@ class EmbeddingManager:
         return list(self.tm.tokenizer(text)["input_ids"])
 
     def _prepare(self, item: EmbedItem) -> tuple[TokenizedGenerateReqInput, EmbeddingState]:
-        ready = self.tm.ready
         if item.input_ids is not None:
             ids = item.input_ids
-            bad = [t for t in ids if t < 0 or (ready.vocab_size and t >= ready.vocab_size)]
-            if bad:
-                raise ValueError(f"input_ids contains {bad[0]}, which is out of the vocabulary "
-                                 f"(size {ready.vocab_size}).")
+            check_vocab(ids, self.tm.ready.vocab_size)
         else:
             ids = self.tokenize(item.text)
         n = len(ids)
         check_input_len(n, self.tm.context_len, self.tm.pool_size)
-        if item.rid in self.tm.states:
-            raise ValueError(f"rid {item.rid!r} is already in use.")
-        from nlcli.engine.sampling.params import SamplingParams
-
         msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0))
         return msg, EmbeddingState(item.rid, n)
 
     def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:
-        tm = self.tm
-        if tm.dead is not None:
-            raise EngineDeadError(tm.dead)
-        if tm.draining:
-            raise EngineDeadError("The server is shutting down.")
-        prepared = [self._prepare(it) for it in items]
-        for msg, st in prepared:
-            tm.states[st.rid] = st
-            tm._send(msg)
-        return [st for _, st in prepared]
+        """Validate and tokenize every item (a bad one rejects the whole batch), then send."""
+        self.tm.check_accepting()  # a dead engine is a 503 before any input is looked at
+        return self.tm.submit_tokenized([self._prepare(it) for it in items])
 
     # ---- engine outputs --------------------------------------------------------------------
     def on_output(self, msg: BatchEmbeddingOut) -> None:
         for rid, vec, n in zip(msg.rids, msg.embeddings, msg.prompt_tokens):
-            st = self.tm.states.get(rid)
-            if st is None or st.finished:
+            st = self.tm.pending(rid)
+            if st is None:
                 continue
-            st.finished = True
             if isinstance(st, EmbeddingState):
                 out = {"embedding": vec, "meta_info": {"id": rid, "finish_reason": _FINISH,
                                                        "prompt_tokens": n}}
@@ -180,7 +155,7 @@ class EmbeddingManager:
                     "id": rid, "finish_reason": {"type": "abort", "status_code": 400,
                                                  "message": NOT_GENERATION_MESSAGE},
                     "prompt_tokens": n, "completion_tokens": 0, "cached_tokens": 0}}
-            st.queue.put_nowait(out)
+            st.finish(out)
 
     # ---- the route -------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:

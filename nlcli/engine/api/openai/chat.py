@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from nlcli.engine.api.openai.chat_template import ChatTemplate, load_chat_template
 from nlcli.engine.api.openai.protocol import (BadRequest, ChatCompletionRequest, chat_logprobs,
-                                          parse_request, sampling_dict)
+                                              parse_request, sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT, CHUNK_OBJECT = "chat.completion", "chat.completion.chunk"

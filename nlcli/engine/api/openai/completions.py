@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from nlcli.engine.api.openai.protocol import (CompletionRequest, legacy_logprobs, normalize_prompt,
-                                          parse_request, sampling_dict)
+                                              parse_request, sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT = "text_completion"

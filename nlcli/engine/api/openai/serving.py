@@ -18,10 +18,11 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from nlcli.engine.api.http_utils import engine_rejection, finals_or_disconnect, json_response, last_output
-from nlcli.engine.api.openai.protocol import BadRequest, error_body, finish_reason, matched_stop, usage
+from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
+                                         last_output)
 from nlcli.engine.api.native_input import parse_generate
-from nlcli.engine.api.tokenizer_manager import EngineDeadError
+from nlcli.engine.api.openai.protocol import BadRequest, error_body, finish_reason, matched_stop, usage
+from nlcli.engine.api.req_state import EngineDeadError
 
 logger = logging.getLogger("nlcli.openai")
 
