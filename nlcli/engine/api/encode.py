@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -60,22 +60,38 @@ def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
             prompts, is_batch = list(text), True
         else:
             raise ValueError("text must be a string or a non-empty list of strings.")
-        if any(p == "" for p in prompts):
-            raise ValueError("text must not be empty.")
-        inputs = [(p, None) for p in prompts]
     else:
         if is_int_list(ids) and ids:
-            id_prompts, is_batch = [ids], False
+            prompts, is_batch = [ids], False
         elif isinstance(ids, list) and ids and all(is_int_list(x) and x for x in ids):
-            id_prompts, is_batch = list(ids), True
+            prompts, is_batch = list(ids), True
         else:
             raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
-        inputs = [(None, list(x)) for x in id_prompts]
-    rids = request_rids(body.get("rid"), len(inputs), is_batch, "inputs")
-    items = [EmbedItem(t, i, r or uuid.uuid4().hex) for (t, i), r in zip(inputs, rids)]
+    rids = request_rids(body.get("rid"), len(prompts), is_batch, "inputs")
+    return embed_items(prompts, rids), is_batch
+
+
+def embed_items(prompts: list[Union[str, list[int]]], rids: Optional[list[Optional[str]]] = None
+                ) -> list[EmbedItem]:
+    """One EmbedItem per prompt (a text, or token ids); a fresh rid where none is given."""
+    rids = rids or [None] * len(prompts)
+    items = []
+    for p, r in zip(prompts, rids):
+        if p == "" or p == []:
+            raise ValueError("text must not be empty." if p == "" else "input_ids must not be empty.")
+        text, ids = (p, None) if isinstance(p, str) else (None, list(p))
+        items.append(EmbedItem(text, ids, r or uuid.uuid4().hex))
     if len({it.rid for it in items}) != len(items):
         raise ValueError("rid entries must be distinct.")
-    return items, is_batch
+    return items
+
+
+class EncodeRejected(Exception):
+    """The engine ended an embedding request with an error (`status`: its HTTP status)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message, self.status = message, status
 
 
 class EmbeddingState(ReqState):
@@ -157,31 +173,40 @@ class EmbeddingManager:
                     "prompt_tokens": n, "completion_tokens": 0, "cached_tokens": 0}}
             st.finish(out)
 
-    # ---- the route -------------------------------------------------------------------------
+    # ---- the encode path (the native routes and /v1/embeddings) ------------------------------
+    async def encode(self, items: list[EmbedItem], request: Request) -> Optional[list[dict]]:
+        """`{"embedding", "meta_info": {"id", "prompt_tokens"}}` per item, in order; None when the
+        client went away (all aborted). ValueError: a bad input (400); EngineDeadError (503);
+        EncodeRejected: the engine refused or failed a request."""
+        if not self.serves_embeddings:
+            raise ValueError(NOT_EMBEDDING_MESSAGE)
+        states = self.submit(items)
+        outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
+        if outs is None:
+            return None
+        for out in outs:
+            if "embedding" not in out:  # aborted in the engine
+                reason = out["meta_info"]["finish_reason"] or {}
+                raise EncodeRejected(reason.get("message", "The request was aborted."),
+                                     reason.get("status_code", 500))
+        return [{"embedding": o["embedding"],
+                 "meta_info": {"id": o["meta_info"]["id"],
+                               "prompt_tokens": o["meta_info"]["prompt_tokens"]}} for o in outs]
+
     async def handle(self, request: Request) -> Response:
         if not self.serves_embeddings:
             return native_error(NOT_EMBEDDING_MESSAGE)
         try:
             items, is_batch = parse_encode(await read_json(request))
-            states = self.submit(items)
+            shaped = await self.encode(items, request)
         except ValueError as e:
             return native_error(str(e))
         except EngineDeadError as e:
             return native_error(str(e), 503)
-        try:
-            outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
-        except EngineDeadError as e:
-            return native_error(str(e), 503)
-        if outs is None:
+        except EncodeRejected as e:
+            return native_error(e.message, e.status)
+        if shaped is None:
             return Response(status_code=499)
-        for out in outs:
-            if "embedding" not in out:  # aborted in the engine
-                reason = out["meta_info"]["finish_reason"] or {}
-                return native_error(reason.get("message", "The request was aborted."),
-                                    reason.get("status_code", 500))
-        shaped = [{"embedding": o["embedding"],
-                   "meta_info": {"id": o["meta_info"]["id"],
-                                 "prompt_tokens": o["meta_info"]["prompt_tokens"]}} for o in outs]
         return json_response(shaped if is_batch else shaped[0])
 
 

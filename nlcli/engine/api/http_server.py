@@ -108,9 +108,8 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     from nlcli.engine.api.openai.routes import register_openai_routes
 
-    register_openai_routes(app, tm, args)
-
-    register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+    embeddings = register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+    register_openai_routes(app, tm, args, embeddings)
 
     def on_weights_updated(model_path: str, load_format: str) -> None:
         app.state.server_args = app.state.server_args.replace(model_path=model_path,
