@@ -79,6 +79,8 @@ def launch_server(args) -> int:
         logger.info("%s is an embedding/reward model; serving it as with --is-embedding", args.model_path)
         args = args.replace(is_embedding=True)
     logger.info("server_args=%r", args)
+    for flag in args.ignored_flags():
+        logger.warning("%s is accepted for SGLang compatibility only and has no effect in nl.", flag)
     if args.host in ("0.0.0.0", "::") and not args.api_key:
         logger.warning("Listening on all interfaces without --api-key: anyone on the network can "
                        "use this server.")
