@@ -85,11 +85,11 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
             raise ValueError("input_ids must not be empty.")
         if text is None:
             is_batch = not is_int_list(ids)
-        prompts = [None] * len(id_prompts)
+        elif len(prompts) != len(id_prompts):
+            raise ValueError("text and input_ids must have the same number of prompts.")
+        prompts = [None] * len(id_prompts)  # input_ids win over text
     else:
         id_prompts = [None] * len(prompts)
-    if text is not None and ids is not None and len(prompts) != len(id_prompts):
-        raise ValueError("text and input_ids must have the same number of prompts.")
     if any(p == "" for p in prompts if p is not None):
         raise ValueError("text must not be empty.")
 
