@@ -1,4 +1,5 @@
-"""The client commands through Typer's CliRunner, against the server fixtures in fake_server.
+"""The client commands through Typer's CliRunner, against the real app on a fake engine
+(tests/app_server.py).
 
 References are direct HTTP calls to the same server, so these tests hold for a real `nl serve` too.
 """
@@ -13,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nlcli.cli import app
-from tests.fake_server import (  # noqa: F401  (fixtures)
+from tests.app_server import (  # noqa: F401  (fixtures)
     TEST_API_KEY,
     auth_server_url,
     embed_server_url,
@@ -154,7 +155,11 @@ def test_api_key_wrong_missing_and_right(auth_server_url):
 def test_health_is_exempt_from_the_key(auth_server_url):
     r = nl("health", "--url", auth_server_url)
     assert r.exit_code == 0
+    # Only /health: /health_generate runs the model, so it needs the key (README, compatibility).
     out = one_json(nl("health", "--generate", "--json", "--url", auth_server_url).stdout)
+    assert out["ok"] is False and out["status"] == 401
+    out = one_json(nl("health", "--generate", "--json", "--url", auth_server_url,
+                      "--api-key", TEST_API_KEY).stdout)
     assert out["ok"] is True and out["endpoint"] == "/health_generate"
 
 

@@ -84,3 +84,18 @@ def test_help_lists_every_flag_with_help_and_default():
         for choice in f.metadata.get("choices", ()):
             assert choice in r.stdout
     assert "[default: 30000]" in " ".join(words)
+
+
+def test_compatibility_flags_are_listed_apart_and_reported_when_set():
+    from nlcli.engine.args import COMPAT_GROUP
+
+    compat = [f for f in dataclasses.fields(ServerArgs) if f.metadata.get("group") == COMPAT_GROUP]
+    assert {f.name for f in compat} >= {"tokenizer_mode", "trust_remote_code", "grammar_backend"}
+    out = serve("--help").stdout
+    below = out[out.index(COMPAT_GROUP + ":"):]
+    for f in compat:  # every one under the heading, and only there
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in below.split() and flag not in out[: out.index(COMPAT_GROUP)].split()
+    assert ServerArgs().ignored_flags() == []
+    args = ServerArgs(tokenizer_mode="slow", trust_remote_code=True, disable_cuda_graph=True)
+    assert args.ignored_flags() == ["--tokenizer-mode", "--trust-remote-code"]

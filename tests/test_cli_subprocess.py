@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_server import (  # noqa: F401  (fixtures)
+from tests.app_server import (  # noqa: F401  (fixtures)
     TEST_API_KEY,
-    FakeServer,
-    FakeState,
+    AppServer,
     auth_server_url,
     free_port,
     server_url,
@@ -60,12 +59,13 @@ def test_health_wait_until_a_starting_server_is_up():
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     assert proc.poll() is None  # still waiting: nothing listens yet
-    with FakeServer(port=port):
+    with AppServer(port=port):
         assert proc.wait(timeout=30) == 0
 
 
 def test_health_unhealthy_exits_4_and_never_up_exits_3():
-    with FakeServer(FakeState(healthy=False)) as srv:
+    with AppServer() as srv:
+        srv.tm.start_draining()  # shutting down: alive, but /health and /health_generate say 503
         r = run("health", "--generate", "--wait", "1", "--url", srv.url, "--json")
         assert r.returncode == 4
         out = json.loads(r.stdout)
@@ -76,7 +76,7 @@ def test_health_unhealthy_exits_4_and_never_up_exits_3():
 
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGINT")
 def test_ctrl_c_while_streaming_exits_130():
-    with FakeServer(FakeState(token_delay=0.5)) as srv:
+    with AppServer(step_delay=0.5) as srv:
         proc = subprocess.Popen([NL, "generate", "hi", "--url", srv.url], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         assert proc.stdout.read(1)  # streaming has begun

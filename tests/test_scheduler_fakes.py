@@ -112,6 +112,8 @@ def reference_greedy(prompt: list[int], max_new_tokens: int, ignore_eos: bool = 
 
 
 class FakeModelRunner:
+    next_token = staticmethod(next_token)  # what the "model" writes; subclasses may change it
+
     def __init__(self, server_args=None, source=None, pool_size: int | None = None,
                  context_len: int = 512, rows: int = 64):
         size = pool_size or (getattr(server_args, "max_total_tokens", None) or 4096)
@@ -156,7 +158,7 @@ class FakeModelRunner:
         for j, (i, n) in enumerate(ends):
             context = kv[r2t[int(batch.req_pool_indices[i]), :n]].tolist()
             assert -1 not in context, "read a KV slot that was never written"
-            logits[j, next_token(context)] = 1.0
+            logits[j, self.next_token(context)] = 1.0
         if not batch.return_all_logits:
             return LogitsOutput(next_token_logits=logits)
         last = torch.tensor(list(itertools.accumulate(batch.extend_lens_cpu))) - 1

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperCommand
 
-from nlcli.engine.args import ServerArgs
+from nlcli.engine.args import COMPAT_GROUP, ServerArgs
 
 
 def _base_type(annotation: Any) -> Any:
@@ -69,9 +69,12 @@ def _metavar(f: dataclasses.Field) -> str:
     return {int: "INT", float: "FLOAT"}.get(base, "TEXT")
 
 
-def _help_entries() -> list[tuple[str, str]]:
+def _help_entries(group: Optional[str] = None) -> list[tuple[str, str]]:
+    """(flag, help) of the fields in `group` (None: the ungrouped ones, then --help)."""
     entries = []
     for f in dataclasses.fields(ServerArgs):
+        if f.metadata.get("group") != group:
+            continue
         if not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -83,7 +86,8 @@ def _help_entries() -> list[tuple[str, str]]:
         if f.default is not None and f.default is not False:
             text += f" [default: {f.default}]"
         entries.append((f"{flag} {_metavar(f)}".rstrip(), text))
-    entries.append(("--help", "Show this message and exit."))
+    if group is None:
+        entries.append(("--help", "Show this message and exit."))
     return entries
 
 
@@ -102,19 +106,23 @@ class PlainHelpCommand(TyperCommand):
         for line in Text(inspect.cleandoc(self.help or "")).wrap(con, con.width - 2):
             line.rstrip()
             lines.append("  ").append(line).append("\n")
-        lines.append("\nOptions:\n", style="bold")
-        for name, text in _help_entries():
-            wrapped = list(Text(text).wrap(con, right))
-            for w in wrapped:
-                w.rstrip()
-            if len(name) > self.LEFT - 1:
-                lines.append(f"  {name}\n", style="cyan")
-            else:
-                first = wrapped.pop(0) if wrapped else Text("")
-                lines.append(f"  {name:<{self.LEFT}} ", style="cyan").append(first).append("\n")
-            for rest in wrapped:
-                lines.append(" " * (self.LEFT + 3)).append(rest).append("\n")
+        for heading, group in (("Options", None), (COMPAT_GROUP, COMPAT_GROUP)):
+            lines.append(f"\n{heading}:\n", style="bold")
+            for name, text in _help_entries(group):
+                self._entry(lines, con, name, text, right)
         con.print(lines, end="", soft_wrap=True)
+
+    def _entry(self, lines: Text, con: Console, name: str, text: str, right: int) -> None:
+        wrapped = list(Text(text).wrap(con, right))
+        for w in wrapped:
+            w.rstrip()
+        if len(name) > self.LEFT - 1:
+            lines.append(f"  {name}\n", style="cyan")
+        else:
+            first = wrapped.pop(0) if wrapped else Text("")
+            lines.append(f"  {name:<{self.LEFT}} ", style="cyan").append(first).append("\n")
+        for rest in wrapped:
+            lines.append(" " * (self.LEFT + 3)).append(rest).append("\n")
 
 
 def _launch(**kwargs: Any) -> None:

@@ -2,7 +2,9 @@
 
 The same object is logged at start-up (`server_args=ServerArgs(...)`), returned flat by
 `/get_server_args`, and turned into `nl serve` flags (one flag per field, help text from the field's
-metadata). Field names follow SGLang's so clients that read them keep working.
+metadata). Field names follow SGLang's so clients that read them keep working. Flags in
+COMPAT_GROUP are accepted for SGLang command-line compatibility and ignored: setting one logs a
+warning at start, and `nl serve --help` lists them under their own heading.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: 
     return field(default=default, metadata=meta)
 
 
+# Flags SGLang has and nl accepts without acting on them, so existing command lines start.
+COMPAT_GROUP = "Compatibility only (accepted, ignored)"
+
+
+def _compat(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return _arg(default, help, choices, group=COMPAT_GROUP)
+
+
 @dataclass(frozen=True)
 class ServerArgs:
     # Model and tokenizer
@@ -30,18 +40,13 @@ class ServerArgs:
         "(all-MiniLM-L6-v2 with --is-embedding).",
     )
     tokenizer_path: Optional[str] = _arg(None, "Tokenizer location. Default: the model's.")
-    tokenizer_mode: str = _arg("auto", "Tokenizer mode.", ("auto", "slow"))
-    skip_tokenizer_init: bool = _arg(False, "Take input_ids, return token ids; no tokenizer.")
     load_format: str = _arg("auto", "Weight format.", ("auto", "safetensors", "gguf", "dummy"))
-    trust_remote_code: bool = _arg(False, "Accepted for compatibility; remote code never runs.")
     dtype: str = _arg(
         "auto",
         "Weight and activation dtype. auto: bfloat16 on GPU; on CPU the fastest dtype that stays "
         "correct.",
         ("auto", "float32", "bfloat16", "float16", "half", "float"),
     )
-    kv_cache_dtype: str = _arg("auto", "KV cache dtype (auto = model dtype).", ("auto",))
-    quantization: Optional[str] = _arg(None, "Accepted for compatibility; GGUF is dequantized.")
     context_length: Optional[int] = _arg(None, "Override the model's context length.")
     device: str = _arg("auto", "Device: auto (cuda if present), cpu or cuda.", ("auto", "cpu", "cuda"))
     served_model_name: Optional[str] = _arg(None, "Name in /v1/models. Default: the model path.")
@@ -74,18 +79,12 @@ class ServerArgs:
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
-    # Parallelism (single process group for now; flags kept for compatibility)
+    # Parallelism (single process group for now)
     tp_size: int = _arg(1, "Tensor parallel size.")
     dp_size: int = _arg(1, "Data parallel size.")
-    load_balance_method: str = _arg("round_robin", "DP routing.", ("round_robin", "shortest_queue"))
-
-    # Structured output
-    grammar_backend: str = _arg("xgrammar", "Grammar engine.", ("xgrammar",))
-    constrained_json_whitespace_pattern: Optional[str] = _arg(None, "Whitespace regex for JSON.")
 
     # Kernels
     attention_backend: str = _arg("auto", "Attention kernels.", ("auto", "torch_native", "triton"))
-    sampling_backend: str = _arg("pytorch", "Sampler.", ("pytorch",))
     disable_cuda_graph: bool = _arg(False, "Do not capture CUDA graphs for decode.")
     cuda_graph_max_bs: int = _arg(
         160, "Largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, 8, then steps of 8)."
@@ -98,11 +97,38 @@ class ServerArgs:
     # Logging and metrics
     log_level: str = _arg("info", "Log level.", ("debug", "info", "warning", "error"))
     log_level_http: Optional[str] = _arg(None, "uvicorn access-log level (default: warning).")
-    log_requests: bool = _arg(False, "Log every request's input and output.")
-    show_time_cost: bool = _arg(False, "Log time spent per step.")
+    log_requests: bool = _arg(False, "Log each request's rid and token counts as it arrives and "
+                              "finishes.")
     decode_log_interval: int = _arg(40, "Decode steps between `Decode batch.` log lines.")
     enable_metrics: bool = _arg(False, "Expose Prometheus metrics at /metrics.")
     enable_cache_report: bool = _arg(False, "Report cached_tokens in OpenAI usage.")
+
+    # Compatibility only: accepted so SGLang command lines start, but nl ignores them (a
+    # non-default value logs a warning at start; `nl serve --help` lists them apart).
+    tokenizer_mode: str = _compat("auto", "SGLang: slow tokenizer mode. nl always uses the fast "
+                                  "tokenizer.", ("auto", "slow"))
+    skip_tokenizer_init: bool = _compat(False, "SGLang: serve token ids without a tokenizer. nl "
+                                        "always loads the tokenizer.")
+    trust_remote_code: bool = _compat(False, "SGLang: run the checkpoint's own Python code. nl "
+                                      "never runs remote code.")
+    kv_cache_dtype: str = _compat("auto", "SGLang: KV cache dtype. nl keeps K/V in the model "
+                                  "dtype.", ("auto",))
+    quantization: Optional[str] = _compat(None, "SGLang: quantization method. nl dequantizes GGUF "
+                                          "weights to --dtype at load.")
+    load_balance_method: str = _compat("round_robin", "SGLang: data-parallel routing. nl runs one "
+                                       "engine.", ("round_robin", "shortest_queue"))
+    grammar_backend: str = _compat("xgrammar", "SGLang: grammar engine. nl always uses xgrammar.",
+                                   ("xgrammar",))
+    constrained_json_whitespace_pattern: Optional[str] = _compat(
+        None, "SGLang: whitespace regex for JSON output. nl always emits compact JSON.")
+    sampling_backend: str = _compat("pytorch", "SGLang: sampler implementation. nl has one.",
+                                    ("pytorch",))
+    show_time_cost: bool = _compat(False, "SGLang: log time spent per step. Not implemented.")
+
+    def ignored_flags(self) -> list[str]:
+        """The compatibility-only flags set to something other than their default."""
+        return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(self)
+                if f.metadata.get("group") == COMPAT_GROUP and getattr(self, f.name) != f.default]
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Incremental detokenization of one request's output ids, in the API process.
+"""Incremental detokenization of one request's output ids, and the engine's stop-string check.
 
 Decoding only a window of recent ids keeps each step O(window) while staying identical to a full
 decode: `decode(ids[surr:])` minus `decode(ids[surr:read])` is the new text, where `surr` trails
@@ -6,9 +6,11 @@ decode: `decode(ids[surr:])` minus `decode(ids[surr:read])` is the new text, whe
 markers, byte fallback) see the context they need. A window that ends in an incomplete UTF-8
 sequence (rendered as U+FFFD) is held back until the next token completes it.
 
-Stop strings are matched on text: the engine's `StopChecker` runs the same algorithm one token at a
-time to end generation at the token where a stop string appears; the API process's copy cuts the
-text before it (unless no_stop_trim).
+Stop strings are decided in one place: the engine's `StopChecker` ends generation at the token
+where one appears and reports it as `finished_reason = {"type": "stop", "matched": "<str>"}`. The
+API process's `IncrementalDetokenizer` never decides a stop: it cuts the final text at the string
+the engine reported (`final_text`), and while streaming holds back a tail that could be the start
+of a stop string (`visible_text`), which is presentation only.
 """
 
 from __future__ import annotations
@@ -32,40 +34,37 @@ class IncrementalDetokenizer:
         self.surr = 0
         self.read = len(self.ids)
         self.text = ""
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in stop if s]  # only for holding back a possible start while streaming
         self.no_stop_trim = no_stop_trim
-        self.matched_stop: Optional[str] = None
-        self.searched = 0  # text before this index holds no stop string
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, **self.kwargs)
 
     def add(self, new_ids: Sequence[int], final: bool = False) -> str:
-        """Append ids; returns the cumulative text (held back at an incomplete character)."""
-        if self.matched_stop is not None:
-            return self.text
+        """Append ids; returns the cumulative text (held back at an incomplete character unless
+        `final`)."""
         self.ids.extend(new_ids)
         prefix = self._decode(self.ids[self.surr:self.read])
         full = self._decode(self.ids[self.surr:])
         if len(full) > len(prefix) and (final or not full.endswith(REPLACEMENT)):
             self.text += full[len(prefix):]
             self.surr, self.read = self.read, len(self.ids)
-        self._check_stop()
         return self.text
 
-    def _check_stop(self) -> None:
-        # Only text that arrived since the last search (plus an overlap) can hold a new match.
-        for s in self.stop:
-            at = self.text.find(s, max(self.searched - len(s) + 1, 0))
+    def final_text(self, matched_stop: Optional[str] = None) -> str:
+        """The whole text once the engine finished the request: cut before the stop string the
+        engine matched (or just after it with no_stop_trim). The engine stops at the first
+        appearance, so the first occurrence is the one it matched."""
+        if matched_stop:
+            at = self.text.find(matched_stop)
             if at != -1:
-                self.matched_stop = s
-                self.text = self.text[: at + len(s)] if self.no_stop_trim else self.text[:at]
-                return
-        self.searched = len(self.text)
+                self.text = self.text[: at + len(matched_stop)] if self.no_stop_trim else self.text[:at]
+        return self.text
 
     def visible_text(self) -> str:
-        """Text safe to stream: a suffix that could start a stop string is not shown yet."""
-        if not self.stop or self.matched_stop is not None:
+        """Text safe to stream: a suffix that could start a stop string is not shown yet (the
+        engine may yet report it matched and the text be cut there)."""
+        if not self.stop:
             return self.text
         hold = 0
         for s in self.stop:
@@ -77,15 +76,27 @@ class IncrementalDetokenizer:
 
 
 class StopChecker:
-    """The engine's stop-string check for one request: the same incremental detokenization as
-    the API process, so both agree on the token at which a stop string appears."""
+    """The engine's stop-string check for one request, one token at a time: the decision that
+    ends generation. It renders text with the same incremental algorithm the API process uses,
+    so the string it reports appears in the API's text exactly where it matched."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], sampling_params: Any):
         sp = sampling_params
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, sp.skip_special_tokens,
-                                            sp.spaces_between_special_tokens, sp.stop)
+                                            sp.spaces_between_special_tokens)
+        self.stop = [s for s in sp.stop if s]
+        self.matched: Optional[str] = None
+        self.searched = 0  # text before this index holds no stop string
 
     def add(self, token_id: int) -> Optional[str]:
         """Append one generated id; the matched stop string, once one appears."""
-        self.detok.add([token_id])
-        return self.detok.matched_stop
+        if self.matched is not None:
+            return self.matched
+        text = self.detok.add([token_id])
+        # Only text that arrived since the last search (plus an overlap) can hold a new match.
+        for s in self.stop:
+            if text.find(s, max(self.searched - len(s) + 1, 0)) != -1:
+                self.matched = s
+                return s
+        self.searched = len(text)
+        return None

@@ -19,7 +19,6 @@ import tempfile
 import uvicorn
 
 from nlcli.engine.engine_process import configure_logging, run_engine
-from nlcli.engine.io_struct import ShutdownReq
 
 logger = logging.getLogger("nlcli.launch")
 
@@ -47,8 +46,7 @@ class _Server(uvicorn.Server):
     tm = None
 
     def handle_exit(self, sig, frame):
-        if self.tm is not None and not self.tm.draining:
-            self.tm.draining = True
+        if self.tm is not None and self.tm.start_draining():
             logger.info("Shutting down: draining in-flight requests (up to %.0f s)",
                         self.config.timeout_graceful_shutdown or 0)
         super().handle_exit(sig, frame)
@@ -81,6 +79,8 @@ def launch_server(args) -> int:
         logger.info("%s is an embedding/reward model; serving it as with --is-embedding", args.model_path)
         args = args.replace(is_embedding=True)
     logger.info("server_args=%r", args)
+    for flag in args.ignored_flags():
+        logger.warning("%s is accepted for SGLang compatibility only and has no effect in nl.", flag)
     if args.host in ("0.0.0.0", "::") and not args.api_key:
         logger.warning("Listening on all interfaces without --api-key: anyone on the network can "
                        "use this server.")
@@ -129,9 +129,7 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
     await server.serve()
     warm.cancel()
     # Whatever is still in flight after the graceful window is aborted with a reason.
-    tm.abort(list(tm.states), "The server is shutting down.")
-    if tm.dead is None:
-        tm._send(ShutdownReq())
+    tm.shutdown("The server is shutting down.")
     return state["exit_code"]
 
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from nlcli.engine.api.native_input import is_int_list, request_rids
 from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, native_error, read_json
+from nlcli.engine.api.native_input import is_int_list, request_rids
+from nlcli.engine.api.prepare import check_vocab
+from nlcli.engine.api.req_state import EngineDeadError, ReqState
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.limits import check_input_len
-from nlcli.engine.api.tokenizer_manager import EngineDeadError, ReqState
+from nlcli.engine.sampling.params import SamplingParams
 
 logger = logging.getLogger("nlcli.embedding")
 
@@ -58,41 +60,46 @@ def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
             prompts, is_batch = list(text), True
         else:
             raise ValueError("text must be a string or a non-empty list of strings.")
-        if any(p == "" for p in prompts):
-            raise ValueError("text must not be empty.")
-        inputs = [(p, None) for p in prompts]
     else:
         if is_int_list(ids) and ids:
-            id_prompts, is_batch = [ids], False
+            prompts, is_batch = [ids], False
         elif isinstance(ids, list) and ids and all(is_int_list(x) and x for x in ids):
-            id_prompts, is_batch = list(ids), True
+            prompts, is_batch = list(ids), True
         else:
             raise ValueError("input_ids must be a non-empty list of integers or a list of such lists.")
-        inputs = [(None, list(x)) for x in id_prompts]
-    rids = request_rids(body.get("rid"), len(inputs), is_batch, "inputs")
-    items = [EmbedItem(t, i, r or uuid.uuid4().hex) for (t, i), r in zip(inputs, rids)]
+    rids = request_rids(body.get("rid"), len(prompts), is_batch, "inputs")
+    return embed_items(prompts, rids), is_batch
+
+
+def embed_items(prompts: list[Union[str, list[int]]], rids: Optional[list[Optional[str]]] = None
+                ) -> list[EmbedItem]:
+    """One EmbedItem per prompt (a text, or token ids); a fresh rid where none is given."""
+    rids = rids or [None] * len(prompts)
+    items = []
+    for p, r in zip(prompts, rids):
+        if p == "" or p == []:
+            raise ValueError("text must not be empty." if p == "" else "input_ids must not be empty.")
+        text, ids = (p, None) if isinstance(p, str) else (None, list(p))
+        items.append(EmbedItem(text, ids, r or uuid.uuid4().hex))
     if len({it.rid for it in items}) != len(items):
         raise ValueError("rid entries must be distinct.")
-    return items, is_batch
+    return items
 
 
-class _NoText:
-    """Stands in for the detokenizer: an embedding request has no text, but an engine-side abort
-    still arrives as a token delta and must pass through the TokenizerManager unharmed."""
+class EncodeRejected(Exception):
+    """The engine ended an embedding request with an error (`status`: its HTTP status)."""
 
-    text = ""
-    matched_stop = None
-
-    def add(self, new_ids, final: bool = False) -> str:
-        return ""
-
-    def visible_text(self) -> str:
-        return ""
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message, self.status = message, status
 
 
 class EmbeddingState(ReqState):
+    """An embedding request: no text to detokenize (an engine-side abort still passes through
+    the TokenizerManager as a token delta, with empty text)."""
+
     def __init__(self, rid: str, prompt_len: int):
-        super().__init__(rid, prompt_len, _NoText(), False)
+        super().__init__(rid, prompt_len, None, False)
 
 
 class EmbeddingManager:
@@ -100,7 +107,7 @@ class EmbeddingManager:
         self.tm = tm
         self.args = args
         self._config = None
-        tm.handlers[BatchEmbeddingOut] = self.on_output
+        tm.on_message(BatchEmbeddingOut, self.on_output)
 
     @property
     def serves_embeddings(self) -> bool:
@@ -133,43 +140,27 @@ class EmbeddingManager:
         return list(self.tm.tokenizer(text)["input_ids"])
 
     def _prepare(self, item: EmbedItem) -> tuple[TokenizedGenerateReqInput, EmbeddingState]:
-        ready = self.tm.ready
         if item.input_ids is not None:
             ids = item.input_ids
-            bad = [t for t in ids if t < 0 or (ready.vocab_size and t >= ready.vocab_size)]
-            if bad:
-                raise ValueError(f"input_ids contains {bad[0]}, which is out of the vocabulary "
-                                 f"(size {ready.vocab_size}).")
+            check_vocab(ids, self.tm.ready.vocab_size)
         else:
             ids = self.tokenize(item.text)
         n = len(ids)
         check_input_len(n, self.tm.context_len, self.tm.pool_size)
-        if item.rid in self.tm.states:
-            raise ValueError(f"rid {item.rid!r} is already in use.")
-        from nlcli.engine.sampling.params import SamplingParams
-
         msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0))
         return msg, EmbeddingState(item.rid, n)
 
     def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:
-        tm = self.tm
-        if tm.dead is not None:
-            raise EngineDeadError(tm.dead)
-        if tm.draining:
-            raise EngineDeadError("The server is shutting down.")
-        prepared = [self._prepare(it) for it in items]
-        for msg, st in prepared:
-            tm.states[st.rid] = st
-            tm._send(msg)
-        return [st for _, st in prepared]
+        """Validate and tokenize every item (a bad one rejects the whole batch), then send."""
+        self.tm.check_accepting()  # a dead engine is a 503 before any input is looked at
+        return self.tm.submit_tokenized([self._prepare(it) for it in items])
 
     # ---- engine outputs --------------------------------------------------------------------
     def on_output(self, msg: BatchEmbeddingOut) -> None:
         for rid, vec, n in zip(msg.rids, msg.embeddings, msg.prompt_tokens):
-            st = self.tm.states.get(rid)
-            if st is None or st.finished:
+            st = self.tm.pending(rid)
+            if st is None:
                 continue
-            st.finished = True
             if isinstance(st, EmbeddingState):
                 out = {"embedding": vec, "meta_info": {"id": rid, "finish_reason": _FINISH,
                                                        "prompt_tokens": n}}
@@ -180,33 +171,42 @@ class EmbeddingManager:
                     "id": rid, "finish_reason": {"type": "abort", "status_code": 400,
                                                  "message": NOT_GENERATION_MESSAGE},
                     "prompt_tokens": n, "completion_tokens": 0, "cached_tokens": 0}}
-            st.queue.put_nowait(out)
+            st.finish(out)
 
-    # ---- the route -------------------------------------------------------------------------
+    # ---- the encode path (the native routes and /v1/embeddings) ------------------------------
+    async def encode(self, items: list[EmbedItem], request: Request) -> Optional[list[dict]]:
+        """`{"embedding", "meta_info": {"id", "prompt_tokens"}}` per item, in order; None when the
+        client went away (all aborted). ValueError: a bad input (400); EngineDeadError (503);
+        EncodeRejected: the engine refused or failed a request."""
+        if not self.serves_embeddings:
+            raise ValueError(NOT_EMBEDDING_MESSAGE)
+        states = self.submit(items)
+        outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
+        if outs is None:
+            return None
+        for out in outs:
+            if "embedding" not in out:  # aborted in the engine
+                reason = out["meta_info"]["finish_reason"] or {}
+                raise EncodeRejected(reason.get("message", "The request was aborted."),
+                                     reason.get("status_code", 500))
+        return [{"embedding": o["embedding"],
+                 "meta_info": {"id": o["meta_info"]["id"],
+                               "prompt_tokens": o["meta_info"]["prompt_tokens"]}} for o in outs]
+
     async def handle(self, request: Request) -> Response:
         if not self.serves_embeddings:
             return native_error(NOT_EMBEDDING_MESSAGE)
         try:
             items, is_batch = parse_encode(await read_json(request))
-            states = self.submit(items)
+            shaped = await self.encode(items, request)
         except ValueError as e:
             return native_error(str(e))
         except EngineDeadError as e:
             return native_error(str(e), 503)
-        try:
-            outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
-        except EngineDeadError as e:
-            return native_error(str(e), 503)
-        if outs is None:
+        except EncodeRejected as e:
+            return native_error(e.message, e.status)
+        if shaped is None:
             return Response(status_code=499)
-        for out in outs:
-            if "embedding" not in out:  # aborted in the engine
-                reason = out["meta_info"]["finish_reason"] or {}
-                return native_error(reason.get("message", "The request was aborted."),
-                                    reason.get("status_code", 500))
-        shaped = [{"embedding": o["embedding"],
-                   "meta_info": {"id": o["meta_info"]["id"],
-                                 "prompt_tokens": o["meta_info"]["prompt_tokens"]}} for o in outs]
         return json_response(shaped if is_batch else shaped[0])
 
 

@@ -1,9 +1,9 @@
-"""The FastAPI app: native SGLang routes and the pure-ASGI middleware in front of them.
+"""The FastAPI app: the native SGLang routes, and the assembly of everything else in front of and
+beside them.
 
-Middleware is plain ASGI (never BaseHTTPMiddleware, which hides `http.disconnect` and so breaks
-abort-on-disconnect): API key, request-body size cap, CORS. The OpenAI /v1 routes are added by
-openai_api.py, /encode /classify /judge by embedding_manager.py, and the weight-update routes by
-weight_update_manager.py.
+The OpenAI /v1 routes are added by openai/routes.py, /encode /classify /judge by encode.py, the
+weight-update routes by update_weights.py, /metrics by metrics.py; the pure-ASGI middleware (API
+key, body-size cap) is middleware.py's, CORS is Starlette's (also pure ASGI).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
 from typing import Any
 
 import orjson
@@ -21,7 +20,8 @@ from fastapi.responses import Response, StreamingResponse
 from nlcli import __version__
 from nlcli.engine.api.encode import NOT_GENERATION_MESSAGE, register_embedding_routes
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
-                                     last_output, native_error, read_json)
+                                         last_output, native_error, read_json)
+from nlcli.engine.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from nlcli.engine.api.native_input import parse_generate
 from nlcli.engine.api.tokenizer_manager import EngineDeadError, TokenizerManager
 from nlcli.engine.api.update_weights import register_weight_update_routes
@@ -30,67 +30,6 @@ logger = logging.getLogger("nlcli.http")
 
 FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there are running "
               "or waiting requests, the operation will not be performed.)\n")
-
-
-# ---- pure-ASGI middleware --------------------------------------------------------------------
-class ApiKeyMiddleware:
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] == "/health":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"")
-        token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-        if not secrets.compare_digest(token, self.key):
-            body = b'{"error":"Unauthorized"}'
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send):
-        body = orjson.dumps({"error": {"message": f"Request body is larger than {self.limit} bytes."}})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 # ---- the app ---------------------------------------------------------------------------------
@@ -169,14 +108,13 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     from nlcli.engine.api.openai.routes import register_openai_routes
 
-    register_openai_routes(app, tm, args)
-
-    register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+    embeddings = register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+    register_openai_routes(app, tm, args, embeddings)
 
     def on_weights_updated(model_path: str, load_format: str) -> None:
         app.state.server_args = app.state.server_args.replace(model_path=model_path,
                                                               load_format=load_format)
-        tm.args = app.state.server_args
+        tm.set_args(app.state.server_args)
         model_info["model_path"] = model_path
 
     register_weight_update_routes(app, tm, on_weights_updated)

@@ -1,15 +1,17 @@
-"""The native /generate body, normalized: one `GenItem` per engine request.
+"""The native generation request, typed: one `GenItem` per engine request.
 
-Single vs batch, text vs input_ids, per-prompt or shared sampling_params, n > 1 expansion
-(prompt-major, rids `<rid>-<j>`, sample j seeded with seed + j), and the top-level logprob
-arguments. Every rejection is a ValueError whose text is the 400 message naming the field.
+`parse_generate` normalizes a /generate body: single vs batch, text vs input_ids, per-prompt or
+shared sampling_params, n > 1 expansion (prompt-major, rids `<rid>-<j>`, sample j seeded with
+seed + j), and the top-level logprob arguments. Every rejection is a ValueError whose text is the
+400 message naming the field. Callers that already hold typed values (the OpenAI layer) build the
+same items with `gen_items`, without a /generate body in between.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 from nlcli.engine.sampling.params import MAX_SEED
 
@@ -20,6 +22,16 @@ class GenItem:
     input_ids: Optional[list[int]]
     sampling: dict
     rid: str
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class LogprobArgs:
+    """The top-level logprob arguments of one prompt."""
+
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
@@ -73,11 +85,11 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
             raise ValueError("input_ids must not be empty.")
         if text is None:
             is_batch = not is_int_list(ids)
-        prompts = [None] * len(id_prompts)
+        elif len(prompts) != len(id_prompts):
+            raise ValueError("text and input_ids must have the same number of prompts.")
+        prompts = [None] * len(id_prompts)  # input_ids win over text
     else:
         id_prompts = [None] * len(prompts)
-    if text is not None and ids is not None and len(prompts) != len(id_prompts):
-        raise ValueError("text and input_ids must have the same number of prompts.")
     if any(p == "" for p in prompts if p is not None):
         raise ValueError("text must not be empty.")
 
@@ -97,9 +109,7 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
     ns = {one.get("n", 1) for one in sps}
     if len(ns) > 1:
         raise ValueError("sampling_params.n must be the same for every prompt of a batch.")
-    n = ns.pop()
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
+    n = _positive_n(ns.pop())
 
     rids = request_rids(body.get("rid"), len(prompts), is_batch or n > 1, "prompts")
     stream = body.get("stream", False)
@@ -109,17 +119,49 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
     lp = _logprob_args(body, len(prompts), n)
     items = []
     for i, (p, ip, one, r) in enumerate(zip(prompts, id_prompts, sps, rids)):
-        base = r or uuid.uuid4().hex
-        for j in range(n):
-            sub = _nth_sample(one, j) if n > 1 else dict(one)
-            sub.pop("n", None)
-            items.append(GenItem(p, ip, sub, base if n == 1 else f"{base}-{j}",
-                                 lp["return_logprob"][i], lp["logprob_start_len"][i],
-                                 lp["top_logprobs_num"][i], lp["return_text_in_logprobs"][i]))
+        args = LogprobArgs(*(lp[key][i] for key in _LOGPROB_ARGS))
+        items += _samples(p, ip, one, r or uuid.uuid4().hex, n, args)
+    _check_distinct(items)
+    return items, is_batch or n > 1, stream
+
+
+def gen_items(prompts: Sequence[Union[str, list[int]]], sampling: dict, rids: Sequence[str],
+              logprobs: LogprobArgs = LogprobArgs()) -> list[GenItem]:
+    """One GenItem per prompt (a text, or token ids) and sample, as parse_generate makes them:
+    `sampling["n"]` samples each, rids `<rid>-<j>` when n > 1, shared sampling params and
+    logprob arguments. ValueError for an empty prompt or a bad n."""
+    n = _positive_n(sampling.get("n", 1))
+    items = []
+    for p, rid in zip(prompts, rids):
+        text, ids = (p, None) if isinstance(p, str) else (None, list(p))
+        if text == "" or ids == []:
+            raise ValueError("text must not be empty." if text == "" else "input_ids must not be empty.")
+        items += _samples(text, ids, sampling, rid, n, logprobs)
+    _check_distinct(items)
+    return items
+
+
+def _samples(text: Optional[str], ids: Optional[list[int]], sampling: dict, rid: str, n: int,
+             lp: LogprobArgs) -> list[GenItem]:
+    out = []
+    for j in range(n):
+        sub = _nth_sample(sampling, j) if n > 1 else dict(sampling)
+        sub.pop("n", None)
+        out.append(GenItem(text, ids, sub, rid if n == 1 else f"{rid}-{j}", lp.return_logprob,
+                           lp.logprob_start_len, lp.top_logprobs_num, lp.return_text_in_logprobs))
+    return out
+
+
+def _check_distinct(items: list[GenItem]) -> None:
     # Outputs are routed by rid: a repeated one would leave a client waiting forever.
     if len({it.rid for it in items}) != len(items):
         raise ValueError("rid entries must be distinct.")
-    return items, is_batch or n > 1, stream
+
+
+def _positive_n(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
+    return n
 
 
 def _nth_sample(sampling: dict, j: int) -> dict:

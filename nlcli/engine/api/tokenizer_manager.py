@@ -1,61 +1,38 @@
-"""TokenizerManager: the API process's side of generation.
+"""TokenizerManager: the API process's link to the engine, and its side of generation.
 
-Turns a native /generate body into engine requests (validation, tokenization, batch and n>1
-expansion, length checks), sends them over ZMQ, turns the engine's token deltas into cumulative
-text and meta_info, and aborts what clients abandon. It also watches the engine: heartbeats, and
-process death (every pending request then fails at once with EngineDeadError).
+Sends requests over ZMQ (validated and tokenized by prepare.py), turns the engine's token deltas
+into cumulative text and meta_info, and aborts what clients abandon. It also watches the engine:
+heartbeats, and process death (every pending request then fails at once with EngineDeadError).
+
+It owns the table of in-flight requests. The other API-side managers use only its small public
+interface: `submit_tokenized` (embeddings), `on_message` (engine answers by type), `pending`,
+`in_flight`, `send`, and `hold_new_requests` / `release_held` (a weight update's drain).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Callable, Optional
 
 import zmq
 import zmq.asyncio
 
-from nlcli.engine.detokenizer import IncrementalDetokenizer
 from nlcli.engine.api.native_input import GenItem
+from nlcli.engine.api.prepare import prepare_generate
+from nlcli.engine.api.req_state import EngineDeadError, ReqState
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
-                                    FlushCacheReqOutput, Heartbeat, TokenizedGenerateReqInput)
-from nlcli.engine.limits import check_input_len
-from nlcli.engine.api.logprobs import LogprobAccumulator
-from nlcli.engine.sampling.params import SamplingParams
+                                    FlushCacheReqOutput, Heartbeat, ShutdownReq,
+                                    TokenizedGenerateReqInput)
+
+__all__ = ["EngineDeadError", "ReqState", "TokenizerManager"]
 
 logger = logging.getLogger("nlcli.tokenizer_manager")
 
 HEALTH_CHECK_TIMEOUT = 20.0
-
-
-class EngineDeadError(RuntimeError):
-    pass
-
-
-class ReqState:
-    def __init__(self, rid: str, prompt_len: int, detok: IncrementalDetokenizer, stream: bool,
-                 logprobs: Optional[LogprobAccumulator] = None):
-        self.rid = rid
-        self.prompt_len = prompt_len
-        self.detok = detok
-        self.stream = stream
-        self.logprobs = logprobs
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-        self.created = time.perf_counter()
-        self.first_token_time: Optional[float] = None
-
-
-def _visible_ids(ids: list[int], finish: Optional[dict], no_stop_trim: bool) -> list[int]:
-    """The ids whose text the client sees: a matched stop token (EOS, stop_token_ids, a grammar's
-    end) is cut unless no_stop_trim, as upstream trims it (it always arrives last)."""
-    if (finish and finish.get("type") == "stop" and not no_stop_trim and ids
-            and isinstance(finish.get("matched"), int) and not isinstance(finish["matched"], bool)):
-        return ids[:-1]
-    return ids
 
 
 def _import_grammar() -> None:
@@ -76,19 +53,35 @@ class TokenizerManager:
         self.send_sock.connect(send_addr)
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.connect(recv_addr)
-        self.states: dict[str, ReqState] = {}
+        self._states: dict[str, ReqState] = {}
         self.last_heartbeat = time.monotonic()
         self.gauges = Heartbeat()
         self.dead: Optional[str] = None
         self.draining = False
         self.flush_lock = asyncio.Lock()
         self.flush_future: Optional[asyncio.Future] = None
-        self.metrics = None  # set by http_server when --enable-metrics
+        self.metrics = None  # EngineMetrics, set by metrics.mount_metrics (--enable-metrics)
         self._tasks: list[asyncio.Task] = []
-        # Extensions (embedding_manager, weight_update_manager): engine messages by type, and a
-        # filter that may hold outgoing messages back (returns False) while a weight update runs.
-        self.handlers: dict[type, Callable[[object], None]] = {}
-        self.send_filter: Optional[Callable[[object], bool]] = None
+        # Engine messages this manager does not know, by type (registered by on_message).
+        self._handlers: dict[type, Callable[[object], None]] = {}
+        # While a weight update drains the engine, new requests wait here (hold_new_requests).
+        self._held: Optional[list[TokenizedGenerateReqInput]] = None
+
+    # ---- wiring for the other API-side managers ---------------------------------------------
+    def on_message(self, kind: type, handler: Callable[[object], None]) -> None:
+        """Route engine messages of type `kind` to `handler` (embeddings, weight updates)."""
+        self._handlers[kind] = handler
+
+    def set_args(self, server_args) -> None:
+        """The current ServerArgs (a weight update changes model_path / load_format)."""
+        self.args = server_args
+
+    def start_draining(self) -> bool:
+        """Refuse new work from now on (shutdown); False when already draining."""
+        if self.draining:
+            return False
+        self.draining = True
+        return True
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def wait_ready(self, engine_alive: Callable[[], bool], timeout: float) -> EngineReady:
@@ -126,9 +119,9 @@ class TokenizerManager:
         if self.dead is not None:
             return
         self.dead = reason
-        logger.error("%s Failing %d pending request(s).", reason, len(self.states))
-        for st in self.states.values():
-            st.queue.put_nowait(EngineDeadError(reason))
+        logger.error("%s Failing %d pending request(s).", reason, len(self._states))
+        for st in self._states.values():
+            st.fail(EngineDeadError(reason))
         if self.flush_future and not self.flush_future.done():
             self.flush_future.set_exception(EngineDeadError(reason))
 
@@ -136,11 +129,65 @@ class TokenizerManager:
         stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 10.0)
         return self.dead is None and not self.draining and not stale
 
-    def _send(self, msg: object) -> None:
-        if self.dead is None:
-            if self.send_filter is not None and not self.send_filter(msg):
-                return
-            self.send_sock.send_pyobj(msg)
+    def shutdown(self, message: str) -> None:
+        """Abort whatever is still in flight, then ask the engine to stop."""
+        self.abort(list(self._states), message)
+        self.send(ShutdownReq())
+
+    # ---- sending and holding -----------------------------------------------------------------
+    def send(self, msg: object) -> None:
+        """Send `msg` to the engine (nothing once it is dead); new requests wait while held."""
+        if self.dead is not None:
+            return
+        if self._held is not None and isinstance(msg, TokenizedGenerateReqInput):
+            self._held.append(msg)
+            return
+        self.send_sock.send_pyobj(msg)
+
+    def hold_new_requests(self) -> None:
+        """Keep new requests in this process until release_held (everything else still goes)."""
+        if self._held is None:
+            self._held = []
+
+    def release_held(self) -> None:
+        """Send the held requests in arrival order, except those abandoned while they waited."""
+        held, self._held = self._held or [], None
+        for msg in held:
+            st = self._states.get(msg.rid)
+            if st is not None and not st.finished:
+                self.send(msg)
+
+    def in_flight(self) -> list[ReqState]:
+        """Requests sent (or held) and not finished yet."""
+        return [st for st in self._states.values() if not st.finished]
+
+    def pending(self, rid: str) -> Optional[ReqState]:
+        """The unfinished request `rid`, if any (for managers that answer it themselves)."""
+        st = self._states.get(rid)
+        return None if st is None or st.finished else st
+
+    def check_accepting(self) -> None:
+        """EngineDeadError (a 503) when the engine is dead or the server is shutting down."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if self.draining:
+            raise EngineDeadError("The server is shutting down.")
+
+    def submit_tokenized(self, prepared: list[tuple[TokenizedGenerateReqInput, ReqState]]
+                         ) -> list[ReqState]:
+        """Register and send requests already validated and tokenized; all or none: a refused
+        one (engine dead, draining, rid in use) sends nothing."""
+        self.check_accepting()
+        for msg, _ in prepared:
+            if msg.rid in self._states:
+                raise ValueError(f"rid {msg.rid!r} is already in use.")
+        for msg, st in prepared:
+            self._states[st.rid] = st
+            if self.args.log_requests:
+                logger.info("Request rid=%s prompt_tokens=%d max_new_tokens=%s", msg.rid,
+                            len(msg.input_ids), msg.sampling_params.max_new_tokens)
+            self.send(msg)
+        return [st for _, st in prepared]
 
     # ---- engine outputs --------------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -156,24 +203,19 @@ class TokenizerManager:
             elif isinstance(msg, FlushCacheReqOutput):
                 if self.flush_future and not self.flush_future.done():
                     self.flush_future.set_result(msg.success)
-            elif type(msg) in self.handlers:
-                self.handlers[type(msg)](msg)
+            elif type(msg) in self._handlers:
+                self._handlers[type(msg)](msg)
 
     def _on_tokens(self, msg: BatchTokenIDOut) -> None:
         now = time.perf_counter()
         for i, rid in enumerate(msg.rids):
-            st = self.states.get(rid)
+            st = self._states.get(rid)
             if st is None or st.finished:
                 continue
             finish = msg.finished_reasons[i]
-            st.detok.add(_visible_ids(msg.new_token_ids[i], finish, st.detok.no_stop_trim),
-                         final=finish is not None)
-            if finish is None and st.detok.matched_stop is not None:
-                finish = {"type": "stop", "matched": st.detok.matched_stop}
-                self._send(AbortReq(rid=rid, message="stop string matched"))
+            text = st.add_tokens(msg.new_token_ids[i], finish)
             if st.first_token_time is None and msg.completion_tokens[i]:
                 st.first_token_time = now
-            text = st.detok.text if finish is not None else st.detok.visible_text()
             meta = {"id": rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i]}
             if st.logprobs is not None:
                 st.logprobs.add(msg.logprobs[i] if i < len(msg.logprobs) else None,
@@ -183,70 +225,34 @@ class TokenizerManager:
                         cached_tokens=msg.cached_tokens[i], e2e_latency=now - st.created)
             out = {"text": text, "meta_info": meta}
             if finish is not None:
-                st.finished = True
-                if self.metrics and not rid.startswith("HEALTH_CHECK"):
-                    self.metrics.on_finish(st, out["meta_info"])
-            if st.stream or finish is not None:
+                self._on_finish(st, meta)
+                st.finish(out)
+            elif st.stream:
                 st.queue.put_nowait(out)
 
+    def _on_finish(self, st: ReqState, meta: dict) -> None:
+        if self.args.log_requests:
+            logger.info("Finish rid=%s prompt_tokens=%d completion_tokens=%d finish_reason=%s",
+                        st.rid, meta["prompt_tokens"], meta["completion_tokens"],
+                        meta["finish_reason"])
+        if self.metrics and not st.rid.startswith("HEALTH_CHECK"):
+            self.metrics.on_finish(st, meta)
+
     # ---- requests --------------------------------------------------------------------------
-    def _prepare(self, item: GenItem, stream: bool) -> tuple[TokenizedGenerateReqInput, ReqState]:
-        if item.input_ids is not None:
-            ids = item.input_ids
-            bad = [t for t in ids if t < 0 or (self.ready.vocab_size and t >= self.ready.vocab_size)]
-            if bad:
-                raise ValueError(f"input_ids contains {bad[0]}, which is out of the vocabulary "
-                                 f"(size {self.ready.vocab_size}).")
-        else:
-            ids = self.tokenizer.encode(item.text)
-        n = len(ids)
-        check_input_len(n, self.context_len, self.pool_size)
-        sp = SamplingParams.from_dict(item.sampling)
-        if self.ready.vocab_size:
-            sp.verify_token_ids(self.ready.vocab_size)
-        if sp.grammar is not None:
-            from nlcli.engine.sampling.grammar import validate_grammar
-
-            validate_grammar(*sp.grammar)  # a bad grammar is a 400 here, never in the engine
-        logprobs = None
-        if item.return_logprob:
-            from nlcli.engine.sampling.logprobs import verify_logprob_args
-
-            verify_logprob_args(item.logprob_start_len, item.top_logprobs_num, n)
-            logprobs = LogprobAccumulator(self.tokenizer, item.top_logprobs_num,
-                                          item.return_text_in_logprobs)
-        room = min(self.context_len, self.pool_size) - n - 1
-        if sp.max_new_tokens is None or sp.max_new_tokens > room:
-            sp.max_new_tokens = max(room, 0)
-            sp.min_new_tokens = min(sp.min_new_tokens, sp.max_new_tokens)
-        if item.rid in self.states:
-            raise ValueError(f"rid {item.rid!r} is already in use.")
-        detok = IncrementalDetokenizer(self.tokenizer, ids, sp.skip_special_tokens,
-                                       sp.spaces_between_special_tokens, sp.stop, sp.no_stop_trim)
-        msg = TokenizedGenerateReqInput(
-            item.rid, list(ids), sp, stream, return_logprob=item.return_logprob,
-            logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num)
-        return msg, ReqState(item.rid, n, detok, stream, logprobs)
-
     def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
         """Validate all items first (a bad one rejects the whole batch), then send them."""
-        if self.dead is not None:
-            raise EngineDeadError(self.dead)
-        if self.draining:
-            raise EngineDeadError("The server is shutting down.")
-        prepared = [self._prepare(it, stream) for it in items]
-        for msg, st in prepared:
-            self.states[st.rid] = st
-            self._send(msg)
-        return [st for _, st in prepared]
+        self.check_accepting()
+        return self.submit_tokenized([prepare_generate(it, stream, self.tokenizer, self.ready,
+                                                       self.context_len, self.pool_size)
+                                      for it in items])
 
     async def next_output(self, st: ReqState) -> dict:
         out = await st.queue.get()
         if isinstance(out, Exception):
-            self.states.pop(st.rid, None)
+            self._states.pop(st.rid, None)
             raise out
         if st.finished and st.queue.empty():
-            self.states.pop(st.rid, None)
+            self._states.pop(st.rid, None)
         return out
 
     async def outputs(self, st: ReqState) -> AsyncIterator[dict]:
@@ -258,22 +264,22 @@ class TokenizerManager:
 
     def abort(self, rids: list[str], message: str = "Abort request") -> None:
         for rid in rids:
-            st = self.states.pop(rid, None)
+            st = self._states.pop(rid, None)
             if st is not None and not st.finished:
                 st.finished = True
-                self._send(AbortReq(rid=rid, message=message))
+                self.send(AbortReq(rid=rid, message=message))
 
     def request_abort(self, rid: str) -> None:
         """/abort_request: the engine finishes the request with an abort the waiter still sees."""
-        self._send(AbortReq(rid=rid, message="Abort request"))
+        self.send(AbortReq(rid=rid, message="Abort request"))
 
     def abort_all(self) -> None:
-        self._send(AbortReq(abort_all=True, message="Abort request"))
+        self.send(AbortReq(abort_all=True, message="Abort request"))
 
     async def flush_cache(self) -> bool:
         async with self.flush_lock:
             self.flush_future = asyncio.get_running_loop().create_future()
-            self._send(FlushCacheReq())
+            self.send(FlushCacheReq())
             return await asyncio.wait_for(self.flush_future, timeout=60)
 
     async def health_generate(self) -> bool:

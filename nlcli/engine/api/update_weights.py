@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from nlcli.engine.api.http_utils import json_response, read_json
-from nlcli.engine.io_struct import TokenizedGenerateReqInput, UpdateWeightReq, UpdateWeightReqOutput
+from nlcli.engine.io_struct import UpdateWeightReq, UpdateWeightReqOutput
 
 logger = logging.getLogger("nlcli.weight_update")
 
@@ -33,15 +33,7 @@ class WeightUpdateManager:
         self.on_success = on_success
         self.lock = asyncio.Lock()
         self.result: Optional[asyncio.Future] = None
-        self.held: list[TokenizedGenerateReqInput] = []
-        tm.handlers[UpdateWeightReqOutput] = self._on_result
-
-    def _hold(self, msg: object) -> bool:
-        """TokenizerManager send filter while an update is under way: False keeps `msg` here."""
-        if isinstance(msg, TokenizedGenerateReqInput):
-            self.held.append(msg)
-            return False
-        return True
+        tm.on_message(UpdateWeightReqOutput, self._on_result)
 
     def _on_result(self, msg: UpdateWeightReqOutput) -> None:
         if self.result is not None and not self.result.done():
@@ -52,10 +44,9 @@ class WeightUpdateManager:
             return False, BUSY_MESSAGE
         async with self.lock:
             tm = self.tm
-            self.held = []
-            tm.send_filter = self._hold
+            tm.hold_new_requests()
             try:
-                in_flight = [st for st in tm.states.values() if not st.finished]
+                in_flight = tm.in_flight()
                 if in_flight:
                     logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
                 while any(not st.finished for st in in_flight):
@@ -63,25 +54,17 @@ class WeightUpdateManager:
                         return False, f"Failed to update weights: {tm.dead}"
                     await asyncio.sleep(_POLL)
                 self.result = asyncio.get_running_loop().create_future()
-                tm._send(UpdateWeightReq(model_path, load_format))
+                tm.send(UpdateWeightReq(model_path, load_format))
                 while not self.result.done():
                     if tm.dead is not None:
                         return False, f"Failed to update weights: {tm.dead}"
                     await asyncio.wait({self.result}, timeout=0.2)
                 out: UpdateWeightReqOutput = self.result.result()
             finally:
-                tm.send_filter = None
-                self._release_held()
+                tm.release_held()
             if out.success:
                 self.on_success(out.model_path, out.load_format)
             return out.success, out.message
-
-    def _release_held(self) -> None:
-        held, self.held = self.held, []
-        for msg in held:
-            st = self.tm.states.get(msg.rid)
-            if st is not None and not st.finished:  # not abandoned while it waited
-                self.tm._send(msg)
 
     async def handle(self, request: Request) -> Response:
         try:

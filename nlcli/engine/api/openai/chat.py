@@ -1,5 +1,5 @@
 """/v1/chat/completions: messages rendered by the chat template into one prompt of token ids, then
-a native /generate body (so a greedy chat equals /generate on the templated prompt), answered
+native generation items (so a greedy chat equals /generate on the templated prompt), answered
 whole or as chat.completion.chunk deltas; `response_format` becomes a JSON-schema constraint and
 `logprobs` / `top_logprobs` the chat-style logprobs.
 """
@@ -13,9 +13,10 @@ import orjson
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from nlcli.engine.api.native_input import LogprobArgs
 from nlcli.engine.api.openai.chat_template import ChatTemplate, load_chat_template
 from nlcli.engine.api.openai.protocol import (BadRequest, ChatCompletionRequest, chat_logprobs,
-                                          parse_request, sampling_dict)
+                                              parse_request, sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT, CHUNK_OBJECT = "chat.completion", "chat.completion.chunk"
@@ -47,13 +48,11 @@ class ChatServing(OpenAIServing):
                                   "response_format")
             sp["json_schema"] = orjson.dumps(fmt.json_schema.schema_).decode()
         rid = req.rid or f"chatcmpl-{uuid.uuid4().hex}"
-        body = {"input_ids": [prompt.input_ids], "sampling_params": sp, "rid": [rid],
-                "stream": req.stream}
         k = req.top_logprobs or 0
+        lp = LogprobArgs()
         if req.logprobs:
-            body.update(return_logprob=True, top_logprobs_num=k, return_text_in_logprobs=True,
-                        logprob_start_len=-1)
-        states = self._submit(body, req.stream)
+            lp = LogprobArgs(return_logprob=True, top_logprobs_num=k, return_text_in_logprobs=True)
+        states = self._submit([prompt.input_ids], sp, [rid], req.stream, lp)
         if req.stream:
             return StreamingResponse(self._stream_chat(req, states, k, rid),
                                      media_type="text/event-stream")

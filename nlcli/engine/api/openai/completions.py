@@ -1,4 +1,4 @@
-"""/v1/completions: prompts (text or token ids, one or many) to a native /generate body, answered
+"""/v1/completions: prompts (text or token ids, one or many) to native generation items, answered
 whole or streamed, with `echo` and the legacy (completions-style) logprobs.
 
 Logprobs are asked for with the native fields and reshaped from the meta_info triples; with `echo`
@@ -14,8 +14,9 @@ from typing import Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from nlcli.engine.api.native_input import LogprobArgs
 from nlcli.engine.api.openai.protocol import (CompletionRequest, legacy_logprobs, normalize_prompt,
-                                          parse_request, sampling_dict)
+                                              parse_request, sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT = "text_completion"
@@ -34,13 +35,12 @@ class CompletionServing(OpenAIServing):
         sp = sampling_dict(req, req.max_tokens)
         if req.json_schema is not None:
             sp["json_schema"] = req.json_schema
-        body = {"input_ids" if by_ids else "text": prompt, "sampling_params": sp,
-                "rid": [f"{rid}-{i}" for i in range(len(prompt))], "stream": req.stream}
         k = req.logprobs
+        lp = LogprobArgs()
         if k is not None:
-            body.update(return_logprob=True, top_logprobs_num=k, return_text_in_logprobs=True,
-                        logprob_start_len=0 if req.echo else -1)
-        states = self._submit(body, req.stream)
+            lp = LogprobArgs(return_logprob=True, logprob_start_len=0 if req.echo else -1,
+                             top_logprobs_num=k, return_text_in_logprobs=True)
+        states = self._submit(prompt, sp, [f"{rid}-{i}" for i in range(len(prompt))], req.stream, lp)
         if req.stream:
             return StreamingResponse(self._stream_completion(req, states, echo_texts, rid),
                                      media_type="text/event-stream")

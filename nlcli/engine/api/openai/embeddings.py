@@ -1,4 +1,5 @@
-"""/v1/embeddings: answered by the app's own /encode route, called in-process, and reshaped into
+"""/v1/embeddings: the native encode path (EmbeddingManager, which owns tokenization, pooling and
+normalization), called directly, so /v1/embeddings equals /encode by construction; reshaped into
 OpenAI's list of embeddings (floats, or little-endian float32 in base64 when asked).
 """
 
@@ -7,40 +8,32 @@ from __future__ import annotations
 import base64
 
 from fastapi import Request
+from fastapi.responses import Response
 
-from nlcli.engine.api.encode import NOT_EMBEDDING_MESSAGE
+from nlcli.engine.api.encode import (NOT_EMBEDDING_MESSAGE, EmbeddingManager, EncodeRejected,
+                                     embed_items)
 from nlcli.engine.api.http_utils import json_response
-from nlcli.engine.api.openai.protocol import BadRequest, EmbeddingRequest, normalize_prompt, parse_request
+from nlcli.engine.api.openai.protocol import (BadRequest, EmbeddingRequest, normalize_prompt,
+                                              parse_request)
 from nlcli.engine.api.openai.serving import OpenAIServing, error_response
 
 
 class EmbeddingServing(OpenAIServing):
-    def __init__(self, app, tm, args):
+    def __init__(self, embeddings: EmbeddingManager, tm, args):
         super().__init__(tm, args)
-        self.app = app  # the app /encode lives on
+        self.embeddings = embeddings
 
     async def serve(self, request: Request):
-        import httpx
-
         req: EmbeddingRequest = parse_request(await request.body(), EmbeddingRequest)
-        ready = getattr(self.tm, "ready", None)
-        if ready is not None and ready.is_generation:
+        if not self.embeddings.serves_embeddings:
             raise BadRequest(NOT_EMBEDDING_MESSAGE)
-        inp = normalize_prompt(req.input, "input")
-        body = {"input_ids" if isinstance(inp[0], list) else "text": inp}
-        # The native route owns embedding (pooling, normalization); answering through it keeps
-        # /v1/embeddings equal to /encode by construction.
-        transport = httpx.ASGITransport(app=self.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nl", timeout=None) as c:
-            r = await c.post("/encode", json=body)
-        if r.status_code in (404, 405):
-            return error_response("This server has no /encode route, so it cannot serve embeddings.",
-                                  501, "NotImplementedError")
-        out = r.json()
-        if r.status_code != 200:
-            msg = out.get("error", {}).get("message") if isinstance(out, dict) else None
-            return error_response(msg or r.text, r.status_code)
-        outs = out if isinstance(out, list) else [out]
+        items = embed_items(normalize_prompt(req.input, "input"))
+        try:
+            outs = await self.embeddings.encode(items, request)
+        except EncodeRejected as e:
+            return error_response(e.message, e.status)
+        if outs is None:
+            return Response(status_code=499)
         data = []
         for i, o in enumerate(outs):
             emb = o["embedding"]

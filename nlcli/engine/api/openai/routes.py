@@ -1,15 +1,16 @@
 """The OpenAI-compatible /v1 API's entry point: the route table (`register_openai_routes`, which
 http_server.py calls) and /v1/models, the one served model's card.
 
-Each route's work lives in its own module: openai_completions.py, openai_chat.py and
-openai_embeddings.py, on the shared plumbing of openai_serving.py; the wire shapes (request models,
-logprob formats, the error envelope) are openai_protocol.py's.
+Each route's work lives in its own module: completions.py, chat.py and embeddings.py, on the
+shared plumbing of serving.py; the wire shapes (request models, logprob formats, the error
+envelope) are protocol.py's.
 """
 
 from __future__ import annotations
 
 import time
 
+from nlcli.engine.api.encode import EmbeddingManager
 from nlcli.engine.api.http_utils import json_response
 from nlcli.engine.api.openai.chat import ChatServing
 from nlcli.engine.api.openai.completions import CompletionServing
@@ -17,17 +18,18 @@ from nlcli.engine.api.openai.embeddings import EmbeddingServing
 from nlcli.engine.api.openai.serving import error_response
 
 
-def register_openai_routes(app, tm, args) -> None:
-    """Add the /v1 routes to the FastAPI `app` (the one /generate lives on)."""
+def register_openai_routes(app, tm, args, embeddings: EmbeddingManager) -> None:
+    """Add the /v1 routes to the FastAPI `app` (the one /generate lives on); /v1/embeddings
+    answers through `embeddings`, the manager behind /encode."""
     # All built before any route is added: a bad --chat-template fails here, leaving no /v1 routes.
     models = ModelCards(tm, args)
     completions, chat = CompletionServing(tm, args), ChatServing(tm, args)
-    embeddings = EmbeddingServing(app, tm, args)
+    embedding = EmbeddingServing(embeddings, tm, args)
     app.add_api_route("/v1/models", models.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", models.get_model, methods=["GET"])
     app.add_api_route("/v1/completions", completions.handle, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat.handle, methods=["POST"])
-    app.add_api_route("/v1/embeddings", embeddings.handle, methods=["POST"])
+    app.add_api_route("/v1/embeddings", embedding.handle, methods=["POST"])
 
 
 class ModelCards:

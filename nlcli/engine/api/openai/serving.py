@@ -1,9 +1,10 @@
 """What every /v1 route shares: the OpenAIServing base (the endpoint wrapper that turns errors into
-OpenAI's envelope, submitting a native /generate body, waiting for finals, merging streams) and the
-one answer shape both generation routes use, non-streaming and streaming.
+OpenAI's envelope, submitting native generation items, waiting for finals, merging streams) and
+the one answer shape both generation routes use, non-streaming and streaming.
 
-Generation requests go through `parse_generate` and `TokenizerManager.submit`, the same path
-/generate takes, so both APIs validate, sample and stop alike. Bodies are validated by the routes
+Generation requests become native `GenItem`s (`gen_items`) and go through
+`TokenizerManager.submit`, the same path /generate takes, so both APIs validate, sample and stop
+alike. Bodies are validated by the routes
 (not by FastAPI), so a malformed one is a 400 in OpenAI's envelope rather than FastAPI's 422.
 """
 
@@ -18,10 +19,11 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from nlcli.engine.api.http_utils import engine_rejection, finals_or_disconnect, json_response, last_output
+from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
+                                         last_output)
+from nlcli.engine.api.native_input import LogprobArgs, gen_items
 from nlcli.engine.api.openai.protocol import BadRequest, error_body, finish_reason, matched_stop, usage
-from nlcli.engine.api.native_input import parse_generate
-from nlcli.engine.api.tokenizer_manager import EngineDeadError
+from nlcli.engine.api.req_state import EngineDeadError
 
 logger = logging.getLogger("nlcli.openai")
 
@@ -71,9 +73,11 @@ class OpenAIServing:
         raise NotImplementedError
 
     # ---- generation plumbing -------------------------------------------------------------
-    def _submit(self, body: dict, stream: bool) -> list:
-        items, _, _ = parse_generate(body)
-        return self.tm.submit(items, stream)
+    def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
+                logprobs: LogprobArgs = LogprobArgs()) -> list:
+        """The native path with typed items: the same validation, sampling and stops as
+        /generate."""
+        return self.tm.submit(gen_items(prompts, sampling, rids, logprobs), stream)
 
     def _token_text(self, entry: list) -> str:
         if entry[2] is not None:

@@ -1,0 +1,71 @@
+"""The pure-ASGI middleware in front of the app: API key check and request-body size cap.
+
+Plain ASGI on purpose, never Starlette's BaseHTTPMiddleware: that one hides `http.disconnect` from
+the routes, and abort-on-disconnect relies on seeing it.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import orjson
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        if not secrets.compare_digest(token, self.key):
+            body = b'{"error":"Unauthorized"}'
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = orjson.dumps({"error": {"message": f"Request body is larger than {self.limit} bytes."}})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
