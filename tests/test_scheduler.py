@@ -7,8 +7,8 @@ import pytest
 
 from nlcli.engine.args import ServerArgs
 from nlcli.engine.io_struct import AbortReq, FlushCacheReq, FlushCacheReqOutput, TokenizedGenerateReqInput
-from nlcli.engine.scheduler.scheduler import Scheduler
 from nlcli.engine.scheduler.books import MemoryLeakError
+from nlcli.engine.scheduler.scheduler import Scheduler
 from tests.test_scheduler_fakes import EOS_ID, FakeModelRunner, greedy, next_token, reference_greedy
 
 

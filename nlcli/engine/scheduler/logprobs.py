@@ -3,7 +3,7 @@
 Prompt logprobs come from an extend's all-token logits, chunk by chunk (a chunked prompt yields its
 rows over several forwards); output logprobs come from each sampling step's raw log-softmax. Both
 stay on the `Req` as floats and ids; `logprob_delta` hands the API process what it has not seen
-yet, and the API process builds the `[logprob, id, text]` triples (logprob_meta.py).
+yet, and the API process builds the `[logprob, id, text]` triples (api/logprobs.py).
 Position convention (API_SPEC 2.1): the logits row at prompt position i predicts prompt token i+1.
 """
 
@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 import torch
 
 from nlcli.engine.io_struct import LogprobDelta
-from nlcli.engine.scheduler.req import Req
 from nlcli.engine.sampling.logprobs import input_logprob_rows, token_logprobs, top_logprobs_of
 from nlcli.engine.sampling.sampler import SampleOutput
+from nlcli.engine.scheduler.req import Req
 
 
 def collect_input_logprobs(reqs: Sequence[Req], extend_lens: Sequence[int],

@@ -26,7 +26,7 @@ class Req:
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
         self.stream = stream
-        # logprobs (see logprob_collector.py); input ones are computed once, at the first prefill
+        # logprobs (see scheduler/logprobs.py); input ones are computed once, at the first prefill
         self.return_logprob = return_logprob
         self.logprob_start_len = logprob_start_len if return_logprob else -1
         self.top_logprobs_num = top_logprobs_num if return_logprob else 0
