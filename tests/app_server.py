@@ -17,7 +17,6 @@ import socket
 import tempfile
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 import uvicorn
 
 from nlcli.engine.args import ServerArgs
+from nlcli.engine.layers.pooler import EmbeddingPoolerOutput
 from tests.test_scheduler_fakes import EOS_ID, FakeModelRunner, write_byte_tokenizer
 
 SENTENCE = b"The capital of France is Paris."
@@ -63,7 +63,7 @@ class HashEmbeddingRunner(SentenceRunner):
         for i in range(batch.batch_size):
             ctx = kv[r2t[int(batch.req_pool_indices[i]), :batch.seq_lens_cpu[i]]].tolist()
             rows.append([((hash(tuple(ctx)) >> (4 * d)) % 255 - 127) / 128 for d in range(EMBED_DIM)])
-        return SimpleNamespace(embeddings=torch.tensor(rows))
+        return EmbeddingPoolerOutput(embeddings=torch.tensor(rows))
 
 
 def free_port() -> int:
