@@ -4,7 +4,8 @@ The same object is logged at start-up (`server_args=ServerArgs(...)`), returned 
 `/get_server_args`, and turned into `nl serve` flags (one flag per field, help text from the field's
 metadata). Field names follow SGLang's so clients that read them keep working. Flags in
 COMPAT_GROUP are accepted for SGLang command-line compatibility and ignored: setting one logs a
-warning at start, and `nl serve --help` lists them under their own heading.
+warning at start, and `nl serve --help` lists them under their own heading. Fields with metadata
+`only` accept just those values; anything else stops `nl serve` at start (`refused_flags`).
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ class ServerArgs:
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
-    # Parallelism (single process group for now)
-    tp_size: int = _arg(1, "Tensor parallel size.")
-    dp_size: int = _arg(1, "Data parallel size.")
+    # Parallelism: one engine process on one device for now, so anything but 1 is refused at start.
+    tp_size: int = _arg(1, "Tensor parallel size (nl runs one process: only 1).", only=(1,))
+    dp_size: int = _arg(1, "Data parallel size (nl runs one engine: only 1).", only=(1,))
 
     # Kernels
     attention_backend: str = _arg("auto", "Attention kernels.", ("auto", "torch_native", "triton"))
@@ -129,6 +130,12 @@ class ServerArgs:
         """The compatibility-only flags set to something other than their default."""
         return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(self)
                 if f.metadata.get("group") == COMPAT_GROUP and getattr(self, f.name) != f.default]
+
+    def refused_flags(self) -> list[str]:
+        """Flags set to a value nl cannot honour (metadata `only`); `nl serve` refuses to start."""
+        return [f"--{f.name.replace('_', '-')} {getattr(self, f.name)} (nl supports only "
+                f"{', '.join(map(str, f.metadata['only']))})" for f in dataclasses.fields(self)
+                if "only" in f.metadata and getattr(self, f.name) not in f.metadata["only"]]
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

@@ -64,6 +64,11 @@ def _embedding_only(source) -> bool:
 def launch_server(args) -> int:
     args = args.with_seed()
     configure_logging(args.log_level, "")
+    refused = args.refused_flags()
+    for flag in refused:
+        logger.error("%s cannot be honoured; not starting.", flag)
+    if refused:
+        return 2
     from nlcli.engine.configs.model_source import resolve_model_source
 
     try:

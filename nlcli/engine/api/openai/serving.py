@@ -22,7 +22,8 @@ from fastapi.responses import Response
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                          last_output)
 from nlcli.engine.api.native_input import LogprobArgs, gen_items
-from nlcli.engine.api.openai.protocol import BadRequest, error_body, finish_reason, matched_stop, usage
+from nlcli.engine.api.openai.protocol import (BadRequest, error_body, finish_reason, matched_stop,
+                                              parse_request, usage)
 from nlcli.engine.api.req_state import EngineDeadError
 
 logger = logging.getLogger("nlcli.openai")
@@ -71,6 +72,14 @@ class OpenAIServing:
 
     async def serve(self, request: Request):
         raise NotImplementedError
+
+    async def parse(self, request: Request, model: type) -> Any:
+        """The validated body (fields nl would ignore are a 400 naming them). OpenAI only records
+        `user`, so nl does the same: --log-requests logs it."""
+        req = parse_request(await request.body(), model)
+        if getattr(req, "user", None) and getattr(self.args, "log_requests", False):
+            logger.info("%s request from user=%r", request.url.path, req.user)
+        return req
 
     # ---- generation plumbing -------------------------------------------------------------
     def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
