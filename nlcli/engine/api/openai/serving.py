@@ -48,7 +48,12 @@ def choice(i: int, key: str, payload: Any, logprobs: Optional[dict], fr: Optiona
 
 
 class _EngineFailed(RuntimeError):
-    """The engine failed the request (a step raised); a 500, not the client's fault."""
+    """The engine ended the request with a 5xx: a step raised (500), or a deadline or the queue
+    cap (503); not the client's fault."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class OpenAIServing:
@@ -68,7 +73,8 @@ class OpenAIServing:
         except EngineDeadError as e:
             return error_response(str(e), 503, "ServiceUnavailableError")
         except _EngineFailed as e:
-            return error_response(str(e), 500, "InternalServerError")
+            kind = "ServiceUnavailableError" if e.status == 503 else "InternalServerError"
+            return error_response(str(e), e.status, kind)
 
     async def serve(self, request: Request):
         raise NotImplementedError
@@ -114,8 +120,8 @@ class OpenAIServing:
         rejected = outs and engine_rejection(outs)
         if rejected:
             message, status = rejected
-            if status >= 500:  # a failed engine step
-                raise _EngineFailed(message)
+            if status >= 500:  # a failed engine step, a timeout, a full queue
+                raise _EngineFailed(message, status)
             raise BadRequest(message)  # the engine refusing a request (e.g. a bad grammar)
         return outs
 
