@@ -139,10 +139,9 @@ class Scheduler:
         """Run one batch if there is work; returns whether anything ran."""
         self._reap_aborted()
         if self.limits.any_timeout:  # past a deadline: a 503, and the KV is freed
-            expired, self.chunked_req = self.limits.expire(self.waiting, self.running,
-                                                           self.chunked_req)
+            gone, self.chunked_req = self.limits.expire(self.waiting, self.running, self.chunked_req)
             self.running = [r for r in self.running if not r.finished]
-            self.outputs.finish(expired)
+            self.outputs.finish(gone)
         if self.pending_update is not None and not self.has_work:
             update, self.pending_update = self.pending_update, None
             answer, self.args = apply_weight_update(self.runner, self.args, update,
@@ -297,4 +296,5 @@ class Scheduler:
         return True
 
     def heartbeat(self) -> Heartbeat:
-        return self.books.heartbeat(len(self.running), len(self.waiting) + bool(self.chunked_req))
+        queued = len(self.waiting) + bool(self.chunked_req)
+        return self.books.heartbeat(len(self.running), queued, len(self.grammar_queue))
