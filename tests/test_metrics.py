@@ -7,11 +7,12 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nlcli.engine.io_struct import Heartbeat
-from nlcli.engine.api.metrics import HEARTBEAT_GAUGES, EngineMetrics, mount_metrics
+from nlcli.engine.io_struct import EngineReady, Heartbeat
+from nlcli.engine.api.metrics import HEARTBEAT_GAUGES, PD_QUEUE_GAUGES, EngineMetrics, mount_metrics
 
 SPEC_NAMES = [
     "sglang:num_running_reqs", "sglang:num_used_tokens", "sglang:token_usage",
@@ -96,6 +97,40 @@ def test_mount_metrics_serves_route_and_times_handlers():
     s = samples(r.text)
     assert s[("sglang:func_latency_seconds_count", (("name", "generate_request"),))] == 3
     assert value(r.text, "sglang:num_running_reqs", "/m/x.gguf") == 1
+    gen = (("endpoint", "/generate"), ("method", "POST"))
+    assert s[("sglang:http_requests_total", gen)] == 3
+    assert s[("sglang:http_responses_total", gen[:1] + (("method", "POST"), ("status_code", "200")))] == 3
+    assert s[("sglang:http_requests_active", gen)] == 0
+    # The scrape itself is in progress while it renders.
+    assert s[("sglang:http_requests_active", (("endpoint", "/metrics"), ("method", "GET")))] == 1
+
+
+def test_engine_constants_grammar_queue_and_inter_token_latency():
+    m = EngineMetrics("tiny")
+    m.on_ready(EngineReady(max_total_num_tokens=1000, max_prefill_tokens=16, max_running_requests=4,
+                           context_len=512, device="cpu", dtype="float32", weight_memory_gb=0.5,
+                           kv_cache_memory_gb=0.25,
+                           startup_seconds={"load_weight": 1.5, "scheduler_e2e": 3.0}))
+    m.set_startup_time("tokenizer_e2e", 4.0)
+    m.on_heartbeat(Heartbeat(num_grammar_queue_reqs=2, kv_used=7, kv_available=3))
+    m.on_tokens(0.1, 1)
+    m.on_tokens(0.3, 3)  # 3 tokens in one delta: 0.1 s each
+    text = m.render().decode()
+    assert value(text, "sglang:weight_memory_usage_gb", "tiny") == 0.5
+    assert value(text, "sglang:kv_cache_memory_usage_gb", "tiny") == 0.25
+    assert value(text, "sglang:max_total_num_tokens", "tiny") == 1000
+    assert value(text, "sglang:context_len", "tiny") == 512
+    assert value(text, "sglang:page_size", "tiny") == 1
+    assert value(text, "sglang:num_grammar_queue_reqs", "tiny") == 2
+    assert value(text, "sglang:kv_used_tokens", "tiny") == 7
+    assert value(text, "sglang:kv_available_tokens", "tiny") == 3
+    for name in PD_QUEUE_GAUGES:
+        assert value(text, name, "tiny") == 0
+    s = samples(text)
+    phase = lambda p: s[("sglang:startup_time_seconds", (("model_name", "tiny"), ("phase", p)))]  # noqa: E731
+    assert (phase("load_weight"), phase("scheduler_e2e"), phase("tokenizer_e2e")) == (1.5, 3.0, 4.0)
+    assert value(text, "sglang:inter_token_latency_seconds_count", "tiny") == 4
+    assert value(text, "sglang:inter_token_latency_seconds_sum", "tiny") == pytest.approx(0.4)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +160,33 @@ def test_live_metrics_follow_a_request(live):
     assert value(after, "sglang:num_running_reqs", "tiny-fake") == 0
     s = samples(after)
     assert s[("sglang:func_latency_seconds_count", (("name", "generate_request"),))] >= 1
+
+
+def test_live_new_metrics_and_uvicorn_line(live):
+    # uvicorn's own start line, which tools wait for, besides the panel.
+    assert f"Uvicorn running on http://127.0.0.1:{live.port} (Press CTRL+C to quit)" in live.log()
+    before = httpx.get(live.url + "/metrics", timeout=30).text
+    events = []
+    with httpx.stream("POST", live.url + "/generate", timeout=60, json={
+            "text": "itl please", "stream": True,
+            "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: {")]
+    completion = orjson.loads(events[-1][6:])["meta_info"]["completion_tokens"]
+    after = httpx.get(live.url + "/metrics", timeout=30).text
+    delta = lambda name: value(after, name, "tiny-fake") - value(before, name, "tiny-fake")  # noqa: E731
+    # One interval per streamed token after the first.
+    assert delta("sglang:inter_token_latency_seconds_count") == completion - 1 == 5
+    s = samples(after)
+    gen = (("endpoint", "/generate"), ("method", "POST"))
+    assert s[("sglang:http_requests_total", gen)] >= 2
+    assert s[("sglang:http_requests_active", gen)] == 0
+    assert s[("sglang:http_requests_active", (("endpoint", "/metrics"), ("method", "GET")))] == 1
+    info = httpx.get(live.url + "/get_server_info", timeout=30).json()
+    pool = info["max_total_num_tokens"]
+    assert value(after, "sglang:max_total_num_tokens", "tiny-fake") == pool
+    # The fake runner's KV pool is one int64 per slot (plus the dummy slot 0).
+    assert value(after, "sglang:kv_cache_memory_usage_gb", "tiny-fake") == pytest.approx(
+        (pool + 1) * 8 / 2**30)
+    assert value(after, "sglang:num_grammar_queue_reqs", "tiny-fake") == 0
+    phases = {dict(k[1])["phase"]: v for k, v in s.items() if k[0] == "sglang:startup_time_seconds"}
+    assert phases["scheduler_e2e"] > 0 and phases["tokenizer_e2e"] >= phases["scheduler_e2e"]

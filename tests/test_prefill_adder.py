@@ -33,10 +33,10 @@ def _req(n, max_new=10, start=0, rid=None) -> Req:
     return Req(rid or f"r{start}-{n}", ids, SamplingParams.from_dict({"max_new_tokens": max_new}))
 
 
-def _adder(mem, running=(), prefill=10_000, chunk=-1, max_running=16, ratio=1.0):
+def _adder(mem, running=(), prefill=10_000, chunk=-1, max_running=16, ratio=1.0, **kw):
     return PrefillAdder(mem, list(running), max_prefill_tokens=prefill,
                         chunked_prefill_size=chunk, max_running_requests=max_running,
-                        new_token_ratio=ratio, context_len=CONTEXT)
+                        new_token_ratio=ratio, context_len=CONTEXT, **kw)
 
 
 def _fills(adder):
@@ -101,6 +101,22 @@ def test_memory_reserves_the_running_requests_future(ratio):
     assert all(adder.add(r) for r in reqs[:fit])
     assert not adder.add(reqs[fit])
     assert len(adder.admitted) == fit and mem.counts().protected == 0
+
+
+@pytest.mark.parametrize("clip", [30, 4096])
+def test_clip_caps_each_requests_future(clip):
+    # Running: 1 request that may still generate 300 tokens; new ones may generate 200 each.
+    # Each future counts as min(future, clip) (SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION).
+    running = [_req(10, max_new=300, start=900)]
+    mem = _mem(size=600)
+    room = mem.available() - min(300, clip)
+    need = 50 + min(200, clip)
+    fit = room // need
+    adder = _adder(mem, running=running, clip_max_new_tokens=clip)
+    reqs = [_req(50, max_new=200, start=1000 + 100 * i) for i in range(fit + 1)]
+    assert all(adder.add(r) for r in reqs[:fit])
+    assert not adder.add(reqs[fit])
+    assert fit == (7 if clip == 30 else 1)
 
 
 def test_alone_on_an_idle_engine_only_the_prompt_must_fit():

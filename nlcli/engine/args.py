@@ -4,12 +4,14 @@ The same object is logged at start-up (`server_args=ServerArgs(...)`), returned 
 `/get_server_args`, and turned into `nl serve` flags (one flag per field, help text from the field's
 metadata). Field names follow SGLang's so clients that read them keep working. Flags in
 COMPAT_GROUP are accepted for SGLang command-line compatibility and ignored: setting one logs a
-warning at start, and `nl serve --help` lists them under their own heading.
+warning at start, and `nl serve --help` lists them under their own heading. Fields with metadata
+`only` accept just those values; anything else stops `nl serve` at start (`refused_flags`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -72,6 +74,18 @@ class ServerArgs:
     max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
     schedule_policy: str = _arg("lpm", "Waiting-queue order.", ("lpm", "fcfs"))
     schedule_conservativeness: float = _arg(1.0, "Larger: fewer retractions, less concurrency.")
+    max_queued_requests: Optional[int] = _arg(
+        None, "Waiting-queue cap; a request beyond it ends with 503 \"The request queue is full.\"")
+    waiting_timeout: Optional[float] = _arg(
+        None, "Seconds a request may wait in the queue before it ends with a 503 (default: "
+        "$SGLANG_REQ_WAITING_TIMEOUT, else off; <= 0 is off).")
+    running_timeout: Optional[float] = _arg(
+        None, "Seconds a request may run once its prefill started before it ends with a 503 "
+        "(default: $SGLANG_REQ_RUNNING_TIMEOUT, else off; <= 0 is off).")
+    clip_max_new_tokens_estimation: Optional[int] = _arg(
+        None, "Admission counts at most this many future tokens per request, so requests without "
+        "max_tokens share a small pool; retraction covers the rest (default: "
+        "$SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION, else 4096).")
     stream_interval: int = _arg(1, "Decode steps between stream events.")
     random_seed: Optional[int] = _arg(None, "Global seed (random if unset).")
     disable_radix_cache: bool = _arg(False, "Turn off prefix caching.")
@@ -79,9 +93,9 @@ class ServerArgs:
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
-    # Parallelism (single process group for now)
-    tp_size: int = _arg(1, "Tensor parallel size.")
-    dp_size: int = _arg(1, "Data parallel size.")
+    # Parallelism: one engine process on one device for now, so anything but 1 is refused at start.
+    tp_size: int = _arg(1, "Tensor parallel size (nl runs one process: only 1).", only=(1,))
+    dp_size: int = _arg(1, "Data parallel size (nl runs one engine: only 1).", only=(1,))
 
     # Kernels
     attention_backend: str = _arg("auto", "Attention kernels.", ("auto", "torch_native", "triton"))
@@ -129,6 +143,22 @@ class ServerArgs:
         """The compatibility-only flags set to something other than their default."""
         return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(self)
                 if f.metadata.get("group") == COMPAT_GROUP and getattr(self, f.name) != f.default]
+
+    def refused_flags(self) -> list[str]:
+        """Flags set to a value nl cannot honour (metadata `only`); `nl serve` refuses to start."""
+        return [f"--{f.name.replace('_', '-')} {getattr(self, f.name)} (nl supports only "
+                f"{', '.join(map(str, f.metadata['only']))})" for f in dataclasses.fields(self)
+                if "only" in f.metadata and getattr(self, f.name) not in f.metadata["only"]]
+
+    def env_default(self, name: str, env: str, fallback: Any) -> Any:
+        """Flag `name` if set, else SGLang's environment variable `env`, else `fallback`."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        raw = os.environ.get(env)
+        if raw is None or raw.strip() == "":
+            return fallback
+        return type(fallback)(float(raw)) if fallback is not None else float(raw)
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

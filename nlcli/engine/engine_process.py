@@ -45,6 +45,18 @@ def _preload_tokenizer(sched, log) -> None:
         log.warning("No tokenizer in the engine (stop strings and grammars unavailable): %s", e)
 
 
+def _tensor_bytes(pool) -> int:
+    """Bytes of the tensors a KV pool holds (its K and V buffers per layer)."""
+    import torch
+
+    total = 0
+    for value in vars(pool).values():
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
 class _Watchdog(threading.Thread):
     def __init__(self, timeout: float):
         super().__init__(daemon=True, name="nl-watchdog")
@@ -93,6 +105,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
                     log.error("API process is gone; engine exiting")
                     os._exit(1)
 
+    started = time.monotonic()
     try:
         runner = _make_runner(server_args)
         runner.warmup()
@@ -112,7 +125,11 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
         max_running_requests=sched.max_running_requests, context_len=int(cfg.context_len),
         device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""),
         is_generation=bool(cfg.is_generation),
-        vocab_size=int(cfg.vocab_size), eos_token_ids=list(cfg.eos_token_ids or [])))
+        vocab_size=int(cfg.vocab_size), eos_token_ids=list(cfg.eos_token_ids or []),
+        weight_memory_gb=getattr(runner, "weight_bytes", 0) / 2**30,
+        kv_cache_memory_gb=_tensor_bytes(runner.token_to_kv_pool) / 2**30,
+        startup_seconds={**getattr(runner, "startup_seconds", {}),
+                         "scheduler_e2e": time.monotonic() - started}))
     watchdog = _Watchdog(server_args.watchdog_timeout)
     watchdog.start()
     poller = zmq.Poller()

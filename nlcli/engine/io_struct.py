@@ -57,6 +57,11 @@ class EngineReady:
     is_generation: bool = True
     vocab_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
+    # For the constant metrics: memory the weights and the KV pool take (GB), and how long the
+    # engine's start-up phases took (seconds: load_weight, kv_cache_allocation, scheduler_e2e).
+    weight_memory_gb: float = 0.0
+    kv_cache_memory_gb: float = 0.0
+    startup_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Heartbeat:
     kv_available: int = 0
     kv_evictable: int = 0
     kv_used: int = 0
+    num_grammar_queue_reqs: int = 0  # waiting for their grammar to compile
 
 
 @dataclass

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 
 import uvicorn
 
@@ -25,7 +26,7 @@ logger = logging.getLogger("nlcli.launch")
 ENGINE_START_TIMEOUT = 1800.0
 WARMUP_TEXT = "The capital city of France is"
 
-_serving = {"started": False}
+_serving = {"started": False, "since": time.monotonic()}
 
 
 def _install_signal_handlers() -> None:
@@ -62,8 +63,14 @@ def _embedding_only(source) -> bool:
 
 
 def launch_server(args) -> int:
+    _serving["since"] = time.monotonic()
     args = args.with_seed()
     configure_logging(args.log_level, "")
+    refused = args.refused_flags()
+    for flag in refused:
+        logger.error("%s cannot be honoured; not starting.", flag)
+    if refused:
+        return 2
     from nlcli.engine.configs.model_source import resolve_model_source
 
     try:
@@ -138,6 +145,13 @@ async def _warmup(args, server, tm, ready, state) -> None:
 
     while not server.started:
         await asyncio.sleep(0.05)
+    if tm.metrics is not None:
+        tm.metrics.set_startup_time("tokenizer_e2e", time.monotonic() - _serving["since"])
+    if (args.log_level_http or "warning") not in ("debug", "info", "trace"):
+        # uvicorn's own line (it logs it only at info); tools wait for it.
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"INFO:     Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)",
+              file=sys.stderr, flush=True)
     url = f"http://{_client_host(args.host)}:{args.port}"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     body = {"text": WARMUP_TEXT, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}

@@ -23,6 +23,7 @@ from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, nat
 from nlcli.engine.api.native_input import is_int_list, request_rids
 from nlcli.engine.api.prepare import check_vocab
 from nlcli.engine.api.req_state import EngineDeadError, ReqState
+from nlcli.engine.api.request_fields import ENCODE
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.limits import check_input_len
 from nlcli.engine.sampling.params import SamplingParams
@@ -50,6 +51,7 @@ def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
     """Normalize an /encode body into (items, is_batch); ValueError with the field's problem."""
     if not isinstance(body, dict):
         raise ValueError("The request body must be a JSON object.")
+    ENCODE.check(body)  # a field nl would ignore is a 400 naming it
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise ValueError(NO_INPUT_MESSAGE)

@@ -146,7 +146,12 @@ async def _wait_all(tm: TokenizerManager, states, is_batch: bool, request: Reque
         return Response(status_code=499)
     rejected = engine_rejection(outs)
     if rejected:  # e.g. a grammar the engine could not compile: the client's error, not a 200
-        return native_error(*rejected)
+        message, status = rejected
+        if status == 503:  # a timeout or a full queue: SGLang's flat error object, plus ours
+            return json_response({"error": {"message": message}, "object": "error",
+                                  "message": message, "type": "503", "param": None,
+                                  "code": 503}, 503)
+        return native_error(message, status)
     return json_response(outs if is_batch else outs[0])
 
 

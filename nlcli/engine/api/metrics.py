@@ -5,8 +5,19 @@ dashboards written for SGLang read them unchanged. Where the numbers come from:
 - Scheduler gauges (running/queued requests, KV usage, throughput, cache hit rate, kv_available /
   kv_evictable / kv_used) and the preemption counter: the engine's Heartbeat, about once a second
   (`on_heartbeat`). The engine owns those numbers; the API process only mirrors them.
-- Token counters and latency histograms: each finished request (`on_finish`).
-- `sglang:func_latency_seconds{name=...}`: a pure-ASGI middleware timing the HTTP handlers (pure
+  So is `num_grammar_queue_reqs` (requests waiting for a grammar compile).
+- Constants set once from EngineReady (`on_ready`): `weight_memory_usage_gb`,
+  `kv_cache_memory_usage_gb`, `max_total_num_tokens`, `context_len`, `page_size` (1: nl pages by
+  token) and `startup_time_seconds{phase}` (load_weight, kv_cache_allocation, scheduler_e2e from
+  the engine; tokenizer_e2e set by launch.py once uvicorn serves). nl runs unified (no
+  prefill/decode disaggregation), so SGLang's PD queue gauges (`num_prefill_bootstrap_queue_reqs`,
+  `num_prefill_inflight_queue_reqs`, `num_decode_prealloc_queue_reqs`,
+  `num_decode_transfer_queue_reqs`) read 0, as on a unified SGLang server; the prefill and decode
+  depths there are `num_queue_reqs` and `num_running_reqs`.
+- Token counters and latency histograms: each finished request (`on_finish`);
+  `inter_token_latency_seconds`: each token delta after the first (`on_tokens`).
+- `sglang:func_latency_seconds{name=...}` and `http_requests_total`, `http_responses_total`,
+  `http_requests_active{endpoint,method}`: a pure-ASGI middleware around the HTTP handlers (pure
   ASGI because BaseHTTPMiddleware hides `http.disconnect`, which abort-on-disconnect relies on).
 All engine work happens in one API process, so a private registry per app is enough: no
 multiprocess directory, and several apps in one test process do not clash.
@@ -26,6 +37,10 @@ TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0
                 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
 FUNC_BUCKETS = tuple(0.05 * 1.5**i for i in range(18))
+ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060,
+               0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.0, 2.0, 4.0, 6.0, 8.0)
+PD_QUEUE_GAUGES = ("sglang:num_prefill_bootstrap_queue_reqs", "sglang:num_prefill_inflight_queue_reqs",
+                   "sglang:num_decode_prealloc_queue_reqs", "sglang:num_decode_transfer_queue_reqs")
 
 # Heartbeat field -> (metric name, help). Missing fields (an older engine) read as 0.
 HEARTBEAT_GAUGES = {
@@ -38,6 +53,18 @@ HEARTBEAT_GAUGES = {
     "kv_available": ("sglang:kv_available", "Free KV cache slots (tokens)."),
     "kv_evictable": ("sglang:kv_evictable", "KV slots held only by the radix cache (evictable)."),
     "kv_used": ("sglang:kv_used", "KV slots held by running requests."),
+    "num_grammar_queue_reqs": ("sglang:num_grammar_queue_reqs",
+                               "The number of requests waiting for a grammar compile."),
+}
+# SGLang's current names for the KV gauges above (the short ones are API_SPEC 7.1's).
+HEARTBEAT_ALIASES = {"kv_available": "sglang:kv_available_tokens",
+                     "kv_evictable": "sglang:kv_evictable_tokens", "kv_used": "sglang:kv_used_tokens"}
+# EngineReady field -> (constant gauge, help)
+READY_GAUGES = {
+    "weight_memory_gb": ("sglang:weight_memory_usage_gb", "Memory the model weights take (GB)."),
+    "kv_cache_memory_gb": ("sglang:kv_cache_memory_usage_gb", "Memory the KV cache takes (GB)."),
+    "max_total_num_tokens": ("sglang:max_total_num_tokens", "KV pool size in tokens."),
+    "context_len": ("sglang:context_len", "The model's context length."),
 }
 
 # HTTP path -> handler name for func_latency_seconds (SGLang labels by handler function).
@@ -62,8 +89,26 @@ class EngineMetrics:
         self.labels = {"model_name": model_name}
         names = ["model_name"]
         reg = self.registry
-        self.gauges = {field: Gauge(name, doc, names, registry=reg).labels(**self.labels)
-                       for field, (name, doc) in HEARTBEAT_GAUGES.items()}
+        gauge = lambda name, doc: Gauge(name, doc, names, registry=reg).labels(**self.labels)  # noqa: E731
+        self.gauges = {field: [gauge(name, doc)] for field, (name, doc) in HEARTBEAT_GAUGES.items()}
+        for field, name in HEARTBEAT_ALIASES.items():
+            self.gauges[field].append(gauge(name, HEARTBEAT_GAUGES[field][1]))
+        self.ready_gauges = {field: gauge(name, doc) for field, (name, doc) in READY_GAUGES.items()}
+        gauge("sglang:page_size", "Tokens per KV page (nl pages by token).").set(1)
+        for name in PD_QUEUE_GAUGES:  # unified serving: no disaggregation queues
+            gauge(name, "Always 0: nl runs without prefill/decode disaggregation.")
+        self.startup = Gauge("sglang:startup_time_seconds", "Start-up time per phase (seconds).",
+                             names + ["phase"], registry=reg)
+        self.itl = Histogram("sglang:inter_token_latency_seconds", "Histogram of inter-token "
+                             "latency in seconds.", names, buckets=ITL_BUCKETS,
+                             registry=reg).labels(**self.labels)
+        http = ["endpoint", "method"]
+        self.http_requests = Counter("sglang:http_requests", "HTTP requests received.", http,
+                                     registry=reg)
+        self.http_responses = Counter("sglang:http_responses", "HTTP responses sent.",
+                                      ["endpoint", "status_code", "method"], registry=reg)
+        self.http_active = Gauge("sglang:http_requests_active", "HTTP requests being handled.",
+                                 http, registry=reg)
         self.prompt_tokens = Counter("sglang:prompt_tokens", "Number of prefill tokens processed.",
                                      names, registry=reg).labels(**self.labels)
         self.generation_tokens = Counter("sglang:generation_tokens",
@@ -92,9 +137,25 @@ class EngineMetrics:
         self._retractions_seen = 0
 
     # ---- hooks -------------------------------------------------------------------------------
+    def on_ready(self, ready: Any) -> None:
+        """The engine's constants (EngineReady), set once."""
+        for field, gauge in self.ready_gauges.items():
+            gauge.set(float(getattr(ready, field, 0) or 0))
+        for phase, seconds in (getattr(ready, "startup_seconds", None) or {}).items():
+            self.set_startup_time(phase, seconds)
+
+    def set_startup_time(self, phase: str, seconds: float) -> None:
+        self.startup.labels(**self.labels, phase=phase).set(seconds)
+
+    def on_tokens(self, gap: float, n: int) -> None:
+        """`n` tokens arrived `gap` seconds after the request's previous ones (not its first)."""
+        for _ in range(n):
+            self.itl.observe(gap / n)
+
     def on_heartbeat(self, beat: Any) -> None:
-        for field, gauge in self.gauges.items():
-            gauge.set(float(getattr(beat, field, 0) or 0))
+        for field, gauges in self.gauges.items():
+            for gauge in gauges:
+                gauge.set(float(getattr(beat, field, 0) or 0))
         # The engine counts retractions since it started; the counter takes the increase.
         total = int(getattr(beat, "num_retractions", 0) or 0)
         if total > self._retractions_seen:
@@ -126,27 +187,50 @@ class EngineMetrics:
         return generate_latest(self.registry)
 
 
-class FuncLatencyMiddleware:
-    """Pure ASGI: observes how long each timed route takes, until its last body chunk is sent."""
+class HttpMetricsMiddleware:
+    """Pure ASGI: counts requests, responses (by status) and the requests in progress per route,
+    and times the handlers of TIMED_PATHS, until each one's last body chunk is sent. Paths that
+    are no route of the app count as endpoint "other" (no label per unknown URL)."""
 
-    def __init__(self, app: Any, metrics: EngineMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: EngineMetrics, routes: Any):
+        self.app, self.metrics, self.routes = app, metrics, routes
+        self._paths: Optional[set[str]] = None
+
+    def _endpoint(self, path: str) -> str:
+        if self._paths is None:  # every route exists by the first request
+            self._paths = {getattr(r, "path", None) for r in self.routes()}
+        return path if path in self._paths else "other"
 
     async def __call__(self, scope, receive, send):
-        name = TIMED_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if name is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope.get("method", "")
+        m = self.metrics
+        endpoint = self._endpoint(path)
+        m.http_requests.labels(endpoint=endpoint, method=method).inc()
+        active = m.http_active.labels(endpoint=endpoint, method=method)
+        active.inc()
+        name = TIMED_PATHS.get(path)
         start = time.perf_counter()
         done = False
 
-        async def timed_send(message):
+        async def counted_send(message):
             nonlocal done
+            if message["type"] == "http.response.start":
+                m.http_responses.labels(endpoint=endpoint, status_code=str(message["status"]),
+                                        method=method).inc()
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body") and not done:
                 done = True
-                self.metrics.func_latency.labels(name=name).observe(time.perf_counter() - start)
+                active.dec()
+                if name is not None:
+                    m.func_latency.labels(name=name).observe(time.perf_counter() - start)
 
-        await self.app(scope, receive, timed_send)
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            if not done:  # the client went away, or the app raised
+                active.dec()
 
 
 def mount_metrics(app: Any, tm: Any, args: Any) -> EngineMetrics:
@@ -160,11 +244,13 @@ def mount_metrics(app: Any, tm: Any, args: Any) -> EngineMetrics:
     gauges = getattr(tm, "gauges", None)
     if gauges is not None:
         metrics.on_heartbeat(gauges)
+    if getattr(tm, "ready", None) is not None:
+        metrics.on_ready(tm.ready)
 
     async def metrics_endpoint():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.add_api_route("/metrics/", metrics_endpoint, methods=["GET"], include_in_schema=False)
-    app.add_middleware(FuncLatencyMiddleware, metrics=metrics)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=lambda: app.routes)
     return metrics

@@ -2,7 +2,8 @@
 
 `parse_generate` normalizes a /generate body: single vs batch, text vs input_ids, per-prompt or
 shared sampling_params, n > 1 expansion (prompt-major, rids `<rid>-<j>`, sample j seeded with
-seed + j), and the top-level logprob arguments. Every rejection is a ValueError whose text is the
+seed + j), and the top-level logprob arguments. Top-level fields nl does not honour are refused
+first (request_fields.GENERATE). Every rejection is a ValueError whose text is the
 400 message naming the field. Callers that already hold typed values (the OpenAI layer) build the
 same items with `gen_items`, without a /generate body in between.
 """
@@ -13,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+from nlcli.engine.api.request_fields import GENERATE
 from nlcli.engine.sampling.params import MAX_SEED
 
 
@@ -60,9 +62,8 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
     """Normalize a /generate body into (items, is_batch, stream); ValueError names the field."""
     if not isinstance(body, dict):
         raise ValueError("The request body must be a JSON object.")
+    GENERATE.check(body)  # a field nl would ignore (SGLang's, or a typo) is a 400 naming it
     text, ids = body.get("text"), body.get("input_ids")
-    if body.get("input_embeds") is not None:
-        raise ValueError("input_embeds is not supported by this server.")
     if text is None and ids is None:
         raise ValueError("Either text, input_ids or input_embeds should be provided.")
     if text is not None:

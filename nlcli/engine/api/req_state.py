@@ -32,6 +32,18 @@ class ReqState:
         self.finished = False
         self.created = time.perf_counter()
         self.first_token_time: Optional[float] = None
+        self.last_token_time: Optional[float] = None
+
+    def mark_tokens(self, now: float, n: int) -> Optional[float]:
+        """Note that `n` tokens arrived at `now`; the gap since the previous ones (None for the
+        first, or when none arrived): what inter-token latency measures."""
+        if n <= 0:
+            return None
+        gap = None if self.last_token_time is None else now - self.last_token_time
+        self.last_token_time = now
+        if self.first_token_time is None:
+            self.first_token_time = now
+        return gap
 
     def finish(self, out: dict) -> None:
         """Hand the final output to the waiter."""

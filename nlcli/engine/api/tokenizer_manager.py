@@ -214,8 +214,9 @@ class TokenizerManager:
                 continue
             finish = msg.finished_reasons[i]
             text = st.add_tokens(msg.new_token_ids[i], finish)
-            if st.first_token_time is None and msg.completion_tokens[i]:
-                st.first_token_time = now
+            gap = st.mark_tokens(now, len(msg.new_token_ids[i]))
+            if gap is not None and self.metrics and not rid.startswith("HEALTH_CHECK"):
+                self.metrics.on_tokens(gap, len(msg.new_token_ids[i]))
             meta = {"id": rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i]}
             if st.logprobs is not None:
                 st.logprobs.add(msg.logprobs[i] if i < len(msg.logprobs) else None,

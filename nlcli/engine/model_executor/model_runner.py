@@ -53,10 +53,15 @@ class ModelRunner:
             server_args.device, server_args.dtype, self.model_config.hf_config
         )
         free_before = available_memory_bytes(self.device)
+        start = time.perf_counter()
         self.model = load_model(self.model_config, self.source, self.dtype, self.device, server_args.load_format)
         self.weight_bytes = weight_bytes(self.model)
         self._cap_context_to_positions()
+        loaded = time.perf_counter()
         self._init_memory_pool(free_before)
+        # Start-up phases as SGLang's sglang:startup_time_seconds{phase} names them.
+        self.startup_seconds = {"load_weight": loaded - start,
+                                "kv_cache_allocation": time.perf_counter() - loaded}
         self.attn_backend = create_attn_backend(
             server_args.attention_backend, self.device, self.req_to_token_pool, self.token_to_kv_pool
         )

@@ -86,8 +86,9 @@ class SchedulerBooks:
             "gen throughput (token/s): %.2f, #queue-req: %d", running, self.mem.used(),
             self._usage(), self.last_throughput, queued)
 
-    def heartbeat(self, running: int, queued: int) -> Heartbeat:
+    def heartbeat(self, running: int, queued: int, grammar_queued: int = 0) -> Heartbeat:
         return Heartbeat(num_running_reqs=running, num_queue_reqs=queued,
+                         num_grammar_queue_reqs=grammar_queued,
                          num_used_tokens=self.mem.used(), token_usage=self._usage(),
                          cache_hit_rate=self._hit_rate() / 100.0,
                          gen_throughput=self.last_throughput, num_retractions=self.num_retractions,

@@ -90,9 +90,10 @@ class OutputProcessor:
             r.num_sent = len(r.output_ids)
         self.send(out)
 
-    def refuse(self, req: Req, message: str) -> None:
-        """Answer a request the engine will not run (never tracked, holds nothing) with a 400."""
-        req.finish_abort(message, status_code=400)
+    def refuse(self, req: Req, message: str, status_code: int = 400) -> None:
+        """Answer a request the engine will not run (never tracked, holds nothing) with an error
+        (400: its own fault; 503: the queue is full)."""
+        req.finish_abort(message, status_code=status_code)
         self.emit([req])
 
     def finish(self, reqs: list[Req]) -> None:

@@ -2,8 +2,11 @@
 
 Admission respects three budgets: `max_prefill_tokens` new tokens per batch, `max_running_requests`,
 and KV memory (free + evictable slots, less what running requests are expected to still need,
-estimated as remaining new tokens times `new_token_ratio`). Prompts longer than
-`chunked_prefill_size` are split; the chunked request is the last one admitted.
+estimated as remaining new tokens, clipped to `clip_max_new_tokens` (SGLang's
+SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION, 4096), times `new_token_ratio`). The clip lets requests
+without max_tokens (whose budget is the whole remaining context) run together on a small pool;
+decode retracts when the estimate was too low. Prompts longer than `chunked_prefill_size` are
+split; the chunked request is the last one admitted.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Optional
 from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.req import Req
 
+# SGLang's default for SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION.
+CLIP_MAX_NEW_TOKENS = 4096
 # Past this queue length lpm's prefix matching costs more than it saves (upstream uses 128 too).
 LPM_QUEUE_LIMIT = 128
 MIN_NEW_TOKEN_RATIO = 0.1
@@ -50,9 +55,10 @@ def order_waiting(queue: list[Req], policy: str, mem: KVMemory) -> list[Req]:
 class PrefillAdder:
     def __init__(self, mem: KVMemory, running: list[Req], *, max_prefill_tokens: int,
                  chunked_prefill_size: int, max_running_requests: int, new_token_ratio: float,
-                 context_len: int):
+                 context_len: int, clip_max_new_tokens: int = CLIP_MAX_NEW_TOKENS):
         self.mem = mem
         self.context_len = context_len
+        self.clip = clip_max_new_tokens
         self.rem_prefill = max_prefill_tokens
         self.chunk_size = chunked_prefill_size if chunked_prefill_size > 0 else None
         self.rem_slots_for_reqs = max_running_requests - len(running)
@@ -64,7 +70,7 @@ class PrefillAdder:
         self.chunked: Optional[Req] = None
 
     def _future(self, req: Req) -> int:
-        return int(req.remaining_new_tokens(self.context_len) * self.ratio)
+        return int(min(req.remaining_new_tokens(self.context_len), self.clip) * self.ratio)
 
     def _room(self) -> int:
         return self.mem.available() - self.reserved - self.consumed
@@ -114,3 +120,19 @@ class PrefillAdder:
         if chunking:
             self.chunked = req
         return not chunking
+
+
+def admit_prefill(adder: PrefillAdder, chunked: Optional[Req], waiting: list[Req],
+                  policy: str) -> tuple[list[Req], Optional[Req]]:
+    """The requests of the next prefill batch (none: decode instead) and the chunked request
+    after it: the one under way (`chunked`) goes first and keeps its place when it does not fit
+    (running requests decode and free memory), else the queue in `policy` order."""
+    if chunked is not None:
+        adder.add_chunked(chunked)
+        if chunked not in adder.admitted:
+            return [], chunked
+    if adder.chunked is None:
+        for req in order_waiting(waiting, policy, adder.mem):
+            if not adder.add(req):
+                break
+    return adder.admitted, (adder.chunked if adder.admitted else chunked)

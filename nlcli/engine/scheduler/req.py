@@ -9,6 +9,7 @@ this request holds locked.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Optional
 
 import torch
@@ -55,6 +56,9 @@ class Req:
         self.num_sent = 0  # output ids already handed to the API process
         self.to_abort: Optional[str] = None
         self.num_retractions = 0
+        # deadlines (timeouts.py): entered the queue (again, after a retraction); first prefill
+        self.queued_at = time.monotonic()
+        self.started_at: Optional[float] = None
 
     # ---- sizes ---------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -29,8 +30,9 @@ from nlcli.engine.scheduler.embedding import (finish_embedding_batch, is_embeddi
 from nlcli.engine.scheduler.grammar_queue import GrammarQueue
 from nlcli.engine.scheduler.logprobs import collect_input_logprobs
 from nlcli.engine.scheduler.output import OutputProcessor
-from nlcli.engine.scheduler.policy import NewTokenRatio, PrefillAdder, order_waiting
+from nlcli.engine.scheduler.policy import NewTokenRatio, PrefillAdder, admit_prefill
 from nlcli.engine.scheduler.req import Req
+from nlcli.engine.scheduler.timeouts import QUEUE_FULL_MESSAGE, TIMEOUT_STATUS, RequestLimits
 from nlcli.engine.scheduler.weight_update import apply_weight_update
 
 logger = logging.getLogger("nlcli.scheduler")
@@ -57,6 +59,7 @@ class Scheduler:
         rows = int(runner.req_to_token_pool.available_size())
         self.max_running_requests = min(server_args.max_running_requests or rows, rows)
         self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
+        self.limits = RequestLimits(server_args)  # deadlines, queue cap, admission clip
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
@@ -99,6 +102,8 @@ class Scheduler:
                                                req.sampling_params)
             except Exception as e:  # no usable tokenizer in the engine
                 return self.outputs.refuse(req, f"Stop strings are unavailable: {e}")
+        if self.limits.queue_full(len(self.waiting) + len(self.grammar_queue)):
+            return self.outputs.refuse(req, QUEUE_FULL_MESSAGE, TIMEOUT_STATUS)
         self.outputs.track(req)
         self.books.checked = False
         if req.sampling_params.grammar is not None and req.max_new_tokens != 0:
@@ -133,6 +138,10 @@ class Scheduler:
     def step(self) -> bool:
         """Run one batch if there is work; returns whether anything ran."""
         self._reap_aborted()
+        if self.limits.any_timeout:  # past a deadline: a 503, and the KV is freed
+            gone, self.chunked_req = self.limits.expire(self.waiting, self.running, self.chunked_req)
+            self.running = [r for r in self.running if not r.finished]
+            self.outputs.finish(gone)
         if self.pending_update is not None and not self.has_work:
             update, self.pending_update = self.pending_update, None
             answer, self.args = apply_weight_update(self.runner, self.args, update,
@@ -169,37 +178,31 @@ class Scheduler:
             r.finish_abort(r.to_abort)
         self.outputs.finish(gone)
 
-    def _admit_prefill(self) -> tuple[list[Req], Optional[Req]]:
-        """The requests of the next prefill batch (none: decode instead), and which one is the
-        chunked request already under way."""
+    def _admit_prefill(self) -> list[Req]:
+        """The next prefill batch (none: decode instead); updates the chunked request."""
         adder = PrefillAdder(
             self.mem, self.running + ([self.chunked_req] if self.chunked_req else []),
             max_prefill_tokens=self.args.max_prefill_tokens,
             chunked_prefill_size=-1 if self.whole_inputs else self.args.chunked_prefill_size,
             max_running_requests=self.max_running_requests,
-            new_token_ratio=self.new_token_ratio.value, context_len=self.context_len)
-        continuing = self.chunked_req
-        if continuing is not None:
-            adder.add_chunked(continuing)
-            if continuing not in adder.admitted:
-                return [], continuing  # it keeps its place; running requests decode and free memory
-        if adder.chunked is None:
-            for req in order_waiting(list(self.waiting), self.args.schedule_policy, self.mem):
-                if not adder.add(req):
-                    break
-        if adder.admitted:
-            self.chunked_req = adder.chunked
-        return adder.admitted, continuing
+            new_token_ratio=self.new_token_ratio.value, context_len=self.context_len,
+            clip_max_new_tokens=self.limits.clip_max_new_tokens)
+        batch, self.chunked_req = admit_prefill(adder, self.chunked_req, list(self.waiting),
+                                                self.args.schedule_policy)
+        return batch
 
     def _run_prefill(self) -> bool:
         if not self.waiting and self.chunked_req is None:
             return False
-        batch, continuing = self._admit_prefill()
+        continuing = self.chunked_req
+        batch = self._admit_prefill()
         if not batch:
             return False
         new = [r for r in batch if r is not continuing]
+        now = time.monotonic()
         for r in new:
             self.waiting.remove(r)
+            r.started_at = r.started_at or now  # --running-timeout counts from the first prefill
         fb = prepare_extend(self.mem, batch)
         cached = sum(r.prefix_len for r in new)
         self.books.count_prefill(fb.num_tokens, cached)
@@ -259,6 +262,7 @@ class Scheduler:
             self.running.remove(r)
             self.mem.release(r)
             r.num_retractions += 1
+            r.queued_at = time.monotonic()
             self.waiting.appendleft(r)
         self.books.count_retractions(len(victims))
         self.new_token_ratio.after_retraction()
@@ -292,4 +296,5 @@ class Scheduler:
         return True
 
     def heartbeat(self) -> Heartbeat:
-        return self.books.heartbeat(len(self.running), len(self.waiting) + bool(self.chunked_req))
+        queued = len(self.waiting) + bool(self.chunked_req)
+        return self.books.heartbeat(len(self.running), queued, len(self.grammar_queue))

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from nlcli.engine.api.native_input import LogprobArgs
 from nlcli.engine.api.openai.chat_template import ChatTemplate, load_chat_template
 from nlcli.engine.api.openai.protocol import (BadRequest, ChatCompletionRequest, chat_logprobs,
-                                              parse_request, sampling_dict)
+                                              sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT, CHUNK_OBJECT = "chat.completion", "chat.completion.chunk"
@@ -31,7 +31,7 @@ class ChatServing(OpenAIServing):
         self.chat = ChatTemplate(tokenizer, template)
 
     async def serve(self, request: Request):
-        req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
+        req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
         if req.top_logprobs and not req.logprobs:
             raise BadRequest("top_logprobs requires logprobs to be true.", "top_logprobs")
         messages = [m.model_dump(exclude_none=True) for m in req.messages]

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from nlcli.engine.api.native_input import LogprobArgs
 from nlcli.engine.api.openai.protocol import (CompletionRequest, legacy_logprobs, normalize_prompt,
-                                              parse_request, sampling_dict)
+                                              sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
 
 OBJECT = "text_completion"
@@ -24,7 +24,7 @@ OBJECT = "text_completion"
 
 class CompletionServing(OpenAIServing):
     async def serve(self, request: Request):
-        req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
+        req: CompletionRequest = await self.parse(request, CompletionRequest)
         prompt = normalize_prompt(req.prompt, "prompt")
         by_ids = isinstance(prompt[0], list)
         if by_ids:

@@ -13,8 +13,7 @@ from fastapi.responses import Response
 from nlcli.engine.api.encode import (NOT_EMBEDDING_MESSAGE, EmbeddingManager, EncodeRejected,
                                      embed_items)
 from nlcli.engine.api.http_utils import json_response
-from nlcli.engine.api.openai.protocol import (BadRequest, EmbeddingRequest, normalize_prompt,
-                                              parse_request)
+from nlcli.engine.api.openai.protocol import BadRequest, EmbeddingRequest, normalize_prompt
 from nlcli.engine.api.openai.serving import OpenAIServing, error_response
 
 
@@ -24,7 +23,7 @@ class EmbeddingServing(OpenAIServing):
         self.embeddings = embeddings
 
     async def serve(self, request: Request):
-        req: EmbeddingRequest = parse_request(await request.body(), EmbeddingRequest)
+        req: EmbeddingRequest = await self.parse(request, EmbeddingRequest)
         if not self.embeddings.serves_embeddings:
             raise BadRequest(NOT_EMBEDDING_MESSAGE)
         items = embed_items(normalize_prompt(req.input, "input"))

@@ -2,11 +2,12 @@
 extras) and the response pieces built from native /generate outputs (finish reasons, usage, the two
 logprob formats, the error envelope).
 
-Responses are plain dicts so they serialize with orjson like the native API. Unknown fields are
-ignored (newer SDKs send fields this server has no use for, e.g. `store` or `metadata`), and fields
-OpenAI accepts but that change nothing here (`best_of`, `suffix`, `user`, `logit_bias` handled by
-the sampler) are kept so a client's request validates. Range checks live in SamplingParams, so /v1
-and /generate reject the same values with the same messages.
+Responses are plain dicts so they serialize with orjson like the native API. A request model's
+top-level fields, declared or not (an SDK's `extra_body` lands there), pass request_fields.py's
+policy for that model: a field nl does not honour is a 400 naming it unless null or neutral (e.g.
+`best_of: 1`, `store: false`). Nested parts (messages, response_format) ignore unknown keys: SDKs
+replay returned messages with null extras. Range checks live in SamplingParams, so /v1 and
+/generate reject the same values with the same messages.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Callable, Literal, Optional, Union
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nlcli.engine.api.request_fields import OPENAI_POLICIES, FieldPolicy
+
 # Cap on /v1 `logprobs` / `top_logprobs` (OpenAI's own limits are 5 and 20).
 MAX_TOP_LOGPROBS = 20
 
@@ -23,14 +26,22 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
 class _Lenient(BaseModel):
+    """A nested part of a request: unknown keys are dropped."""
+
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class RequestModel(BaseModel):
+    """A whole /v1 request: unknown keys are kept (in `model_extra`) so the policy can refuse them."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _SamplingExtras(_Lenient):
+class _SamplingExtras(RequestModel):
     """Fields shared by completions and chat: OpenAI's sampling knobs and SGLang's extras."""
 
     model: str
@@ -117,10 +128,10 @@ class ChatCompletionRequest(_SamplingExtras):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
-class EmbeddingRequest(_Lenient):
+class EmbeddingRequest(RequestModel):
     model: str
     input: Prompt
-    encoding_format: Optional[str] = None
+    encoding_format: Optional[Literal["float", "base64"]] = None
     dimensions: Optional[int] = None
     user: Optional[str] = None
 
@@ -146,12 +157,32 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
     except orjson.JSONDecodeError as e:
         raise BadRequest(f"Malformed JSON body: {e}") from None
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         errs = e.errors()
         where = lambda err: ".".join(str(x) for x in err["loc"]) or "body"  # noqa: E731
         text = "; ".join(f"{where(err)}: {err['msg']}" for err in errs[:3])
         raise BadRequest(f"Invalid request: {text}", where(errs[0]) if errs else None) from None
+    found = field_policy(model).problem(sent_fields(req))
+    if found is not None:
+        raise BadRequest(found[1], found[0])
+    return req
+
+
+def field_policy(model: type[BaseModel]) -> FieldPolicy:
+    """The model's policy, its defaults filled in from the declared fields on first use."""
+    policy = OPENAI_POLICIES[model.__name__]  # a request model without a policy is a bug
+    if not policy.defaults:
+        policy.defaults = {n: f.default for n, f in model.model_fields.items()
+                           if not f.is_required()}
+    return policy
+
+
+def sent_fields(req: BaseModel) -> dict[str, Any]:
+    """The top-level fields the client sent: declared ones it set, and every unknown one."""
+    fields = {name: getattr(req, name) for name in req.model_fields_set}
+    fields.update(req.model_extra or {})
+    return fields
 
 
 def sampling_dict(req: Any, max_tokens: Optional[int]) -> dict:

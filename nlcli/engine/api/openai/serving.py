@@ -22,7 +22,8 @@ from fastapi.responses import Response
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                          last_output)
 from nlcli.engine.api.native_input import LogprobArgs, gen_items
-from nlcli.engine.api.openai.protocol import BadRequest, error_body, finish_reason, matched_stop, usage
+from nlcli.engine.api.openai.protocol import (BadRequest, error_body, finish_reason, matched_stop,
+                                              parse_request, usage)
 from nlcli.engine.api.req_state import EngineDeadError
 
 logger = logging.getLogger("nlcli.openai")
@@ -47,7 +48,12 @@ def choice(i: int, key: str, payload: Any, logprobs: Optional[dict], fr: Optiona
 
 
 class _EngineFailed(RuntimeError):
-    """The engine failed the request (a step raised); a 500, not the client's fault."""
+    """The engine ended the request with a 5xx: a step raised (500), or a deadline or the queue
+    cap (503); not the client's fault."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class OpenAIServing:
@@ -67,10 +73,19 @@ class OpenAIServing:
         except EngineDeadError as e:
             return error_response(str(e), 503, "ServiceUnavailableError")
         except _EngineFailed as e:
-            return error_response(str(e), 500, "InternalServerError")
+            kind = "ServiceUnavailableError" if e.status == 503 else "InternalServerError"
+            return error_response(str(e), e.status, kind)
 
     async def serve(self, request: Request):
         raise NotImplementedError
+
+    async def parse(self, request: Request, model: type) -> Any:
+        """The validated body (fields nl would ignore are a 400 naming them). OpenAI only records
+        `user`, so nl does the same: --log-requests logs it."""
+        req = parse_request(await request.body(), model)
+        if getattr(req, "user", None) and getattr(self.args, "log_requests", False):
+            logger.info("%s request from user=%r", request.url.path, req.user)
+        return req
 
     # ---- generation plumbing -------------------------------------------------------------
     def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
@@ -105,8 +120,8 @@ class OpenAIServing:
         rejected = outs and engine_rejection(outs)
         if rejected:
             message, status = rejected
-            if status >= 500:  # a failed engine step
-                raise _EngineFailed(message)
+            if status >= 500:  # a failed engine step, a timeout, a full queue
+                raise _EngineFailed(message, status)
             raise BadRequest(message)  # the engine refusing a request (e.g. a bad grammar)
         return outs
 
