@@ -93,7 +93,7 @@ class Scheduler:
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
         except ValueError as e:
             return self.outputs.refuse(req, str(e))
-        if req.sampling_params.stop:
+        if req.sampling_params.stop or req.sampling_params.stop_regex:
             try:
                 req.stop_checker = StopChecker(self.tokenizer, req.origin_input_ids,
                                                req.sampling_params)

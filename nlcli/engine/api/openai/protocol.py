@@ -51,6 +51,7 @@ class _SamplingExtras(_Lenient):
     repetition_penalty: Optional[float] = None
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
+    stop_regex: Optional[Union[str, list[str]]] = None
     no_stop_trim: bool = False
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -127,7 +128,7 @@ class EmbeddingRequest(_Lenient):
 
 # ---- request -> native pieces ----------------------------------------------------------------
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "stop", "stop_token_ids", "regex", "ebnf", "seed",
+                  "repetition_penalty", "stop", "stop_token_ids", "stop_regex", "regex", "ebnf", "seed",
                   "logit_bias")
 _SAMPLING_FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
