@@ -53,6 +53,9 @@ class ServerArgs:
     chat_template: Optional[str] = _arg(None, "Jinja chat template file overriding the model's.")
     is_embedding: bool = _arg(False, "Serve an embedding or reward model (/encode, /classify).")
     revision: Optional[str] = _arg(None, "Hub revision for a repo id.")
+    json_model_override_args: str = _arg(
+        "{}", "A dictionary in JSON string format used to override default model configurations "
+        "(merged into the model's config.json at load).")
     download_dir: Optional[str] = _arg(None, "Hub cache directory.")
 
     # HTTP
