@@ -78,6 +78,10 @@ class ServerArgs:
     stream_interval: int = _arg(1, "Decode steps between stream events.")
     random_seed: Optional[int] = _arg(None, "Global seed (random if unset).")
     disable_radix_cache: bool = _arg(False, "Turn off prefix caching.")
+    enable_custom_logit_processor: bool = _arg(
+        False, "Accept requests' custom_logit_processor: client-supplied Python (a dill pickle) "
+        "run inside the engine. Disabled by default for security; enable only for trusted "
+        "clients.")
     watchdog_timeout: float = _arg(300.0, "Kill the engine if one step takes longer (seconds).")
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")

@@ -60,6 +60,8 @@ class _SamplingExtras(_Lenient):
     ebnf: Optional[str] = None
     lora_path: Optional[Any] = None
     rid: Optional[str] = None
+    custom_logit_processor: Optional[str] = None  # needs --enable-custom-logit-processor
+    custom_params: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_SamplingExtras):
@@ -129,7 +131,7 @@ class EmbeddingRequest(_Lenient):
 # ---- request -> native pieces ----------------------------------------------------------------
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "stop", "stop_token_ids", "stop_regex", "regex", "ebnf", "seed",
-                  "logit_bias")
+                  "logit_bias", "custom_params")
 _SAMPLING_FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
 
