@@ -156,3 +156,12 @@ def test_openai_embeddings_equal_encode(server):
     tokens = sum(o["meta_info"]["prompt_tokens"] for o in native)
     assert res.usage.prompt_tokens == res.usage.total_tokens == tokens
     assert res.model == server.model_path
+
+
+def test_dimensions_on_a_model_without_matryoshka_is_a_400(server):
+    r = httpx.post(server.url + "/v1/embeddings",
+                   json={"model": "m", "input": "hello", "dimensions": 64}, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["message"] == (
+        f"Model '{server.model_path}' does not support matryoshka representation, changing output "
+        "dimensions will lead to poor results.")

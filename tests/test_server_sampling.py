@@ -4,7 +4,8 @@ Stop strings end generation in the engine at the token where they appear (trimme
 no_stop_trim); stop_token_ids and a generation_config EOS list report the matched id; seeds give
 the same sample alone and inside a concurrent batch (sample i of n uses seed + i); top_k=1 and a
 tiny top_p equal greedy; penalties match a transformers greedy loop with the same formulas;
-min_new_tokens holds stop ids back; max_new_tokens 0 only scores. The module ends with the runtime
+min_new_tokens holds stop ids back; a custom logit processor forces its own request's tokens
+only; max_new_tokens 0 only scores. The module ends with the runtime
 checks: an idle engine does not burn CPU, and Ctrl-C exits 0 without a traceback.
 """
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import torch
 
+from tests.test_custom_logit_processor import force_token_str
 from tests.test_scheduler_fakes import LiveServer
 from tests.tiny_models import build_tiny_model
 
@@ -68,7 +70,7 @@ def setup(tmp_path_factory):
 def server(setup, tmp_path_factory):
     srv = LiveServer(str(tmp_path_factory.mktemp("srv_sp")), [
         "--dtype", "float32", "--device", "cpu", "--max-total-tokens", "8192",
-        "--context-length", "512"], model_path=setup["path"])
+        "--context-length", "512", "--enable-custom-logit-processor"], model_path=setup["path"])
     yield srv
     srv.stop()
     assert "leak" not in srv.log()
@@ -184,6 +186,24 @@ def test_seeded_samples_are_reproducible_alone_and_in_a_batch(server):
     assert pair[0]["text"] == alone
     assert pair[1]["text"] == gen(server, {"text": prompt,
                                            "sampling_params": {**sp, "seed": 1235}})["text"]
+
+
+def test_custom_logit_processor_forces_its_request_only(server, setup):
+    """A batch of two prompts, the first carrying a processor that forces one token id: it emits
+    exactly that id; the second's greedy output equals transformers' and its own run alone."""
+    forced, prompts = 4321, ["Forced tokens here", "An ordinary greedy request"]
+    body = {"text": prompts, "return_logprob": True,
+            "custom_logit_processor": [force_token_str(), None],
+            "sampling_params": [
+                {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True,
+                 "custom_params": {"token_id": forced}},
+                {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}]}
+    outs = gen(server, body)
+    ids = [[e[1] for e in o["meta_info"]["output_token_logprobs"]] for o in outs]
+    assert ids[0] == [forced] * 6
+    want = hf_greedy(setup["model"], setup["tok"].encode(prompts[1]), 6)
+    assert ids[1] == want == greedy_ids(server, prompts[1], 6)
+    assert forced not in want  # the processor's row did not leak into the other
 
 
 def test_max_new_tokens_zero_only_scores(server):

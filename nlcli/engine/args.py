@@ -55,6 +55,9 @@ class ServerArgs:
     chat_template: Optional[str] = _arg(None, "Jinja chat template file overriding the model's.")
     is_embedding: bool = _arg(False, "Serve an embedding or reward model (/encode, /classify).")
     revision: Optional[str] = _arg(None, "Hub revision for a repo id.")
+    json_model_override_args: str = _arg(
+        "{}", "A dictionary in JSON string format used to override default model configurations "
+        "(merged into the model's config.json at load).")
     download_dir: Optional[str] = _arg(None, "Hub cache directory.")
 
     # HTTP
@@ -89,6 +92,10 @@ class ServerArgs:
     stream_interval: int = _arg(1, "Decode steps between stream events.")
     random_seed: Optional[int] = _arg(None, "Global seed (random if unset).")
     disable_radix_cache: bool = _arg(False, "Turn off prefix caching.")
+    enable_custom_logit_processor: bool = _arg(
+        False, "Accept requests' custom_logit_processor: client-supplied Python (a dill pickle) "
+        "run inside the engine. Disabled by default for security; enable only for trusted "
+        "clients.")
     watchdog_timeout: float = _arg(300.0, "Kill the engine if one step takes longer (seconds).")
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")

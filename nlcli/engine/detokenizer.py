@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from nlcli.engine.sampling.stop_regex import StopRegexes
+
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5
 
@@ -76,20 +78,24 @@ class IncrementalDetokenizer:
 
 
 class StopChecker:
-    """The engine's stop-string check for one request, one token at a time: the decision that
-    ends generation. It renders text with the same incremental algorithm the API process uses,
-    so the string it reports appears in the API's text exactly where it matched."""
+    """The engine's stop-string and stop_regex check for one request, one token at a time: the
+    decision that ends generation. It renders text with the same incremental algorithm the API
+    process uses, so the string it reports appears in the API's text exactly where it matched.
+    Stop strings are checked first, then patterns; a pattern reports itself as `matched` (as
+    SGLang does, so the API's literal cut normally leaves a regex match in the text)."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], sampling_params: Any):
         sp = sampling_params
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, sp.skip_special_tokens,
                                             sp.spaces_between_special_tokens)
         self.stop = [s for s in sp.stop if s]
+        patterns = list(getattr(sp, "stop_regex", None) or [])
+        self.regexes = StopRegexes(patterns) if patterns else None
         self.matched: Optional[str] = None
         self.searched = 0  # text before this index holds no stop string
 
     def add(self, token_id: int) -> Optional[str]:
-        """Append one generated id; the matched stop string, once one appears."""
+        """Append one generated id; the matched stop string (or pattern), once one appears."""
         if self.matched is not None:
             return self.matched
         text = self.detok.add([token_id])
@@ -98,5 +104,9 @@ class StopChecker:
             if text.find(s, max(self.searched - len(s) + 1, 0)) != -1:
                 self.matched = s
                 return s
+        if self.regexes is not None and len(text) > self.searched:
+            self.matched = self.regexes.search(text, self.searched)
+            if self.matched is not None:
+                return self.matched
         self.searched = len(text)
         return None

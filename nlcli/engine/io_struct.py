@@ -22,6 +22,7 @@ class TokenizedGenerateReqInput:
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k+1 .. P-1 (0: all)
     top_logprobs_num: int = 0
+    custom_logit_processor: Optional[str] = None  # CustomLogitProcessor.to_str() (SGLang's format)
 
 
 @dataclass

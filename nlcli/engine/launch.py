@@ -71,11 +71,13 @@ def launch_server(args) -> int:
         logger.error("%s cannot be honoured; not starting.", flag)
     if refused:
         return 2
+    from nlcli.engine.configs.config_overrides import parse_model_overrides
     from nlcli.engine.configs.model_source import resolve_model_source
 
     try:
+        overrides = parse_model_overrides(args.json_model_override_args)
         source = resolve_model_source(args.model_path, args.is_embedding, args.revision,
-                                      args.download_dir)
+                                      args.download_dir, overrides)
     except Exception as e:  # the message says what to do; no traceback for a bad path
         logger.error("%s", e)
         return 1

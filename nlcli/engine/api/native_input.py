@@ -28,6 +28,7 @@ class GenItem:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    custom_logit_processor: Optional[str] = None  # the serialized processor (top-level field)
 
 
 @dataclass(frozen=True)
@@ -118,39 +119,55 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
         raise ValueError("stream must be a boolean.")
 
     lp = _logprob_args(body, len(prompts), n)
+    processors = _processors(body.get("custom_logit_processor"), len(prompts))
     items = []
     for i, (p, ip, one, r) in enumerate(zip(prompts, id_prompts, sps, rids)):
         args = LogprobArgs(*(lp[key][i] for key in _LOGPROB_ARGS))
-        items += _samples(p, ip, one, r or uuid.uuid4().hex, n, args)
+        items += _samples(p, ip, one, r or uuid.uuid4().hex, n, args, processors[i])
     _check_distinct(items)
     return items, is_batch or n > 1, stream
 
 
 def gen_items(prompts: Sequence[Union[str, list[int]]], sampling: dict, rids: Sequence[str],
-              logprobs: LogprobArgs = LogprobArgs()) -> list[GenItem]:
+              logprobs: LogprobArgs = LogprobArgs(),
+              custom_logit_processor: Optional[str] = None) -> list[GenItem]:
     """One GenItem per prompt (a text, or token ids) and sample, as parse_generate makes them:
-    `sampling["n"]` samples each, rids `<rid>-<j>` when n > 1, shared sampling params and
-    logprob arguments. ValueError for an empty prompt or a bad n."""
+    `sampling["n"]` samples each, rids `<rid>-<j>` when n > 1, shared sampling params, logprob
+    arguments and custom logit processor. ValueError for an empty prompt or a bad n."""
     n = _positive_n(sampling.get("n", 1))
     items = []
     for p, rid in zip(prompts, rids):
         text, ids = (p, None) if isinstance(p, str) else (None, list(p))
         if text == "" or ids == []:
             raise ValueError("text must not be empty." if text == "" else "input_ids must not be empty.")
-        items += _samples(text, ids, sampling, rid, n, logprobs)
+        items += _samples(text, ids, sampling, rid, n, logprobs,
+                          _processors(custom_logit_processor, 1)[0])
     _check_distinct(items)
     return items
 
 
 def _samples(text: Optional[str], ids: Optional[list[int]], sampling: dict, rid: str, n: int,
-             lp: LogprobArgs) -> list[GenItem]:
+             lp: LogprobArgs, processor: Optional[str] = None) -> list[GenItem]:
     out = []
     for j in range(n):
         sub = _nth_sample(sampling, j) if n > 1 else dict(sampling)
         sub.pop("n", None)
         out.append(GenItem(text, ids, sub, rid if n == 1 else f"{rid}-{j}", lp.return_logprob,
-                           lp.logprob_start_len, lp.top_logprobs_num, lp.return_text_in_logprobs))
+                           lp.logprob_start_len, lp.top_logprobs_num, lp.return_text_in_logprobs,
+                           processor))
     return out
+
+
+def _processors(value: Any, num_prompts: int) -> list[Optional[str]]:
+    """`custom_logit_processor` as one entry per prompt: a string (or null) for all, or a list."""
+    if value is None or isinstance(value, str):
+        return [value] * num_prompts
+    if isinstance(value, list) and all(v is None or isinstance(v, str) for v in value):
+        if len(value) != num_prompts:
+            raise ValueError(f"custom_logit_processor has {len(value)} entries but the batch has "
+                             f"{num_prompts} prompts.")
+        return list(value)
+    raise ValueError("custom_logit_processor must be a string or a list of strings.")
 
 
 def _check_distinct(items: list[GenItem]) -> None:

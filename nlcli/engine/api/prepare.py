@@ -2,7 +2,8 @@
 and the API-side `ReqState` out.
 
 Checks token ids against the vocabulary and the prompt against the context (limits.py, the same
-check the engine guards with), parses and checks sampling params (a bad grammar or logprob
+check the engine guards with), refuses a custom logit processor unless the server enables them,
+parses and checks sampling params (a bad grammar or logprob
 argument is a 400 here, never in the engine), tokenizes, and clips max_new_tokens to what fits.
 Every rejection is a ValueError whose text is the 400 message.
 """
@@ -28,8 +29,15 @@ def check_vocab(ids: list[int], vocab_size: int) -> None:
 
 
 def prepare_generate(item: GenItem, stream: bool, tokenizer: Any, ready: EngineReady,
-                     context_len: int, pool_size: int
+                     context_len: int, pool_size: int, enable_custom_logit_processor: bool = False
                      ) -> tuple[TokenizedGenerateReqInput, ReqState]:
+    if item.custom_logit_processor:
+        from nlcli.engine.sampling.custom_logit_processor import (DISABLED_MESSAGE,
+                                                                  check_wire_format)
+
+        if not enable_custom_logit_processor:
+            raise ValueError(DISABLED_MESSAGE)
+        check_wire_format(item.custom_logit_processor)
     if item.input_ids is not None:
         ids = item.input_ids
         check_vocab(ids, ready.vocab_size)
@@ -58,5 +66,6 @@ def prepare_generate(item: GenItem, stream: bool, tokenizer: Any, ready: EngineR
                                    sp.spaces_between_special_tokens, sp.stop, sp.no_stop_trim)
     msg = TokenizedGenerateReqInput(
         item.rid, list(ids), sp, stream, return_logprob=item.return_logprob,
-        logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num)
+        logprob_start_len=item.logprob_start_len, top_logprobs_num=item.top_logprobs_num,
+        custom_logit_processor=item.custom_logit_processor or None)
     return msg, ReqState(item.rid, n, detok, stream, logprobs)

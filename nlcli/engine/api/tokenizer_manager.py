@@ -243,8 +243,10 @@ class TokenizerManager:
     def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
         """Validate all items first (a bad one rejects the whole batch), then send them."""
         self.check_accepting()
+        allow_processors = self.args.enable_custom_logit_processor
         return self.submit_tokenized([prepare_generate(it, stream, self.tokenizer, self.ready,
-                                                       self.context_len, self.pool_size)
+                                                       self.context_len, self.pool_size,
+                                                       allow_processors)
                                       for it in items])
 
     async def next_output(self, st: ReqState) -> dict:

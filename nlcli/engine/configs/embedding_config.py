@@ -6,13 +6,15 @@ A sentence-transformers checkpoint declares its pipeline in `modules.json` (Tran
 BERT encoders, last token for decoder embedders, both normalised, as SGLang does).
 
 Importing this module must not import torch: the API process reads `max_seq_length` and
-`do_lower_case` from it to tokenize the way sentence-transformers does.
+`do_lower_case` from it to tokenize the way sentence-transformers does, and checks and applies a
+/v1/embeddings `dimensions` (Matryoshka truncation) with it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -125,3 +127,31 @@ def embedding_config_for(hf_config: Any, default_pooling: str) -> EmbeddingConfi
     if model_dir and os.path.isdir(model_dir):
         return read_embedding_config(model_dir, default_pooling)
     return EmbeddingConfig(default_pooling, True)
+
+
+def check_matryoshka_dimensions(hf_config: Any, model_path: str, dimensions: int) -> None:
+    """SGLang's checks of a request's `dimensions`, in its order and words (ValueError = 400).
+    A model is Matryoshka when its config lists `matryoshka_dimensions` or sets `is_matryoshka`
+    (in config.json, or through --json-model-override-args)."""
+    allowed = getattr(hf_config, "matryoshka_dimensions", None)
+    if not (allowed or getattr(hf_config, "is_matryoshka", False)):
+        raise ValueError(f"Model '{model_path}' does not support matryoshka representation, "
+                         f"changing output dimensions will lead to poor results.")
+    if dimensions < 1:
+        raise ValueError("Requested dimensions must be greater than 0")
+    if allowed and dimensions not in allowed:
+        raise ValueError(f"Model '{model_path}' only supports {allowed} matryoshka dimensions, "
+                         f"using other output dimensions will lead to poor results.")
+    hidden = getattr(getattr(hf_config, "text_config", None) or hf_config, "hidden_size", None)
+    if hidden is not None and dimensions > hidden:
+        raise ValueError(f"Provided dimensions are greater than max embedding dimension: {hidden}")
+
+
+def truncate_embedding(vector: list[float], dimensions: int, normalize: bool) -> list[float]:
+    """The first `dimensions` values, L2-normalised again when the model normalises: the same
+    vector as truncating before normalisation (SGLang's pooler), since scaling commutes."""
+    head = [float(x) for x in vector[:dimensions]]
+    if not normalize:
+        return head
+    norm = math.sqrt(sum(x * x for x in head))
+    return [x / norm for x in head] if norm > 0 else head

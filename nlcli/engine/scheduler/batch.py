@@ -8,10 +8,13 @@ running request. `sample_next_ids` runs the batched sampler over logits that are
 
 from __future__ import annotations
 
+import weakref
+from typing import Optional
+
 import torch
 
 from nlcli.engine.forward_batch import ForwardBatch
-from nlcli.engine.sampling.sampler import SampleOutput, SamplingBatchInfo
+from nlcli.engine.sampling.sampler import CustomProcessorRow, SampleOutput, SamplingBatchInfo
 from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.req import Req
 
@@ -80,5 +83,16 @@ def sample_next_ids(logits: torch.Tensor, reqs: list[Req], vocab_size: int,
     info = SamplingBatchInfo.from_reqs(
         [(r.sampling_params, r.output_ids, r.origin_input_ids) for r in reqs],
         vocab_size, logits.device, eos_token_ids=list(eos_token_ids),
-        grammars=[r.grammar for r in reqs])
+        grammars=[r.grammar for r in reqs], processors=[_processor_row(r) for r in reqs])
     return info.sample(logits, return_logprobs=any(r.return_logprob for r in reqs))
+
+
+def _processor_row(req: Req) -> Optional[CustomProcessorRow]:
+    """A request's custom logit processor for the sampler; its custom_params gain SGLang's
+    "__req__" (a weak proxy to the request, for processors that read its tokens)."""
+    if req.logit_processor is None:
+        return None
+    params = req.sampling_params.custom_params
+    if isinstance(params, dict):
+        params = {**params, "__req__": weakref.proxy(req)}
+    return req.custom_logit_processor, req.logit_processor, params

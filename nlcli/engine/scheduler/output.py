@@ -61,6 +61,11 @@ class OutputProcessor:
             next_ids = sampled.next_token_ids.tolist()
             if sampled.next_token_logprobs is not None:
                 collect_output_logprobs(live_reqs, sampled)
+            if sampled.failed_rows:  # a client's logit processor raised: end only its requests
+                for i, message in sampled.failed_rows.items():
+                    live_reqs[i].finish_abort(message, status_code=400)
+                kept = [i for i in range(len(live_reqs)) if i not in sampled.failed_rows]
+                live_reqs, next_ids = [live_reqs[i] for i in kept], [next_ids[i] for i in kept]
         for r, tok in zip(live_reqs, next_ids):
             r.output_ids.append(tok)
             r.check_finished(self.eos_ids, self.context_len)

@@ -22,11 +22,14 @@ _arrival = itertools.count()
 class Req:
     def __init__(self, rid: str, input_ids: list[int], sampling_params: SamplingParams,
                  stream: bool = False, return_logprob: bool = False, logprob_start_len: int = -1,
-                 top_logprobs_num: int = 0):
+                 top_logprobs_num: int = 0, custom_logit_processor: Optional[str] = None):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
         self.stream = stream
+        # the serialized processor (the sampler groups rows by this string) and its loaded instance
+        self.custom_logit_processor = custom_logit_processor
+        self.logit_processor = None
         # logprobs (see scheduler/logprobs.py); input ones are computed once, at the first prefill
         self.return_logprob = return_logprob
         self.logprob_start_len = logprob_start_len if return_logprob else -1

@@ -22,6 +22,7 @@ from nlcli.engine.detokenizer import StopChecker
 from nlcli.engine.io_struct import (AbortReq, FlushCacheReq, FlushCacheReqOutput, Heartbeat,
                                     TokenizedGenerateReqInput, UpdateWeightReq)
 from nlcli.engine.limits import check_input_len
+from nlcli.engine.sampling.custom_logit_processor import load_processor
 from nlcli.engine.scheduler.batch import prepare_decode, prepare_extend
 from nlcli.engine.scheduler.books import SchedulerBooks
 from nlcli.engine.scheduler.cache import KVMemory
@@ -91,12 +92,16 @@ class Scheduler:
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
         req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream,
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
-                  top_logprobs_num=msg.top_logprobs_num)
+                  top_logprobs_num=msg.top_logprobs_num,
+                  custom_logit_processor=msg.custom_logit_processor)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
+            if req.custom_logit_processor:
+                req.logit_processor = load_processor(req.custom_logit_processor,
+                                                     self.args.enable_custom_logit_processor)
         except ValueError as e:
             return self.outputs.refuse(req, str(e))
-        if req.sampling_params.stop:
+        if req.sampling_params.stop or req.sampling_params.stop_regex:
             try:
                 req.stop_checker = StopChecker(self.tokenizer, req.origin_input_ids,
                                                req.sampling_params)

@@ -52,7 +52,8 @@ class ChatServing(OpenAIServing):
         lp = LogprobArgs()
         if req.logprobs:
             lp = LogprobArgs(return_logprob=True, top_logprobs_num=k, return_text_in_logprobs=True)
-        states = self._submit([prompt.input_ids], sp, [rid], req.stream, lp)
+        states = self._submit([prompt.input_ids], sp, [rid], req.stream, lp,
+                              req.custom_logit_processor)
         if req.stream:
             return StreamingResponse(self._stream_chat(req, states, k, rid),
                                      media_type="text/event-stream")

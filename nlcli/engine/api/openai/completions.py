@@ -40,7 +40,8 @@ class CompletionServing(OpenAIServing):
         if k is not None:
             lp = LogprobArgs(return_logprob=True, logprob_start_len=0 if req.echo else -1,
                              top_logprobs_num=k, return_text_in_logprobs=True)
-        states = self._submit(prompt, sp, [f"{rid}-{i}" for i in range(len(prompt))], req.stream, lp)
+        states = self._submit(prompt, sp, [f"{rid}-{i}" for i in range(len(prompt))], req.stream, lp,
+                              req.custom_logit_processor)
         if req.stream:
             return StreamingResponse(self._stream_completion(req, states, echo_texts, rid),
                                      media_type="text/event-stream")

@@ -62,6 +62,7 @@ class _SamplingExtras(RequestModel):
     repetition_penalty: Optional[float] = None
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
+    stop_regex: Optional[Union[str, list[str]]] = None
     no_stop_trim: bool = False
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -70,6 +71,8 @@ class _SamplingExtras(RequestModel):
     ebnf: Optional[str] = None
     lora_path: Optional[Any] = None
     rid: Optional[str] = None
+    custom_logit_processor: Optional[str] = None  # needs --enable-custom-logit-processor
+    custom_params: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_SamplingExtras):
@@ -138,8 +141,8 @@ class EmbeddingRequest(RequestModel):
 
 # ---- request -> native pieces ----------------------------------------------------------------
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "stop", "stop_token_ids", "regex", "ebnf", "seed",
-                  "logit_bias")
+                  "repetition_penalty", "stop", "stop_token_ids", "stop_regex", "regex", "ebnf", "seed",
+                  "logit_bias", "custom_params")
 _SAMPLING_FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
 
