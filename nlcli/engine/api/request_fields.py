@@ -78,7 +78,8 @@ class FieldPolicy:
 GENERATE = FieldPolicy(
     "/generate",
     honoured=("rid", "text", "input_ids", "sampling_params", "stream", "return_logprob",
-              "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs"),
+              "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs",
+              "custom_logit_processor"),
     unsupported={
         # identity and input
         "session_id": (), "input_embeds": (), "image_data": (), "video_data": (), "audio_data": (),
@@ -92,7 +93,7 @@ GENERATE = FieldPolicy(
         "log_metrics": (True,), "return_hidden_states": (False,),
         "return_routed_experts": (False,), "routed_experts_start_len": (0,),
         "return_indexer_topk": (False,), "modalities": (), "session_params": (), "lora_path": (),
-        "lora_id": (), "custom_logit_processor": (), "positional_embed_overrides": (),
+        "lora_id": (), "positional_embed_overrides": (),
         # disaggregation and routing
         "bootstrap_host": (), "bootstrap_port": (), "bootstrap_room": (), "bootstrap_pair_key": (),
         "decode_tp_size": (), "routed_dp_rank": (), "data_parallel_rank": (),
@@ -132,7 +133,8 @@ ENCODE = FieldPolicy(
 _SAMPLING = ("model", "temperature", "top_p", "n", "stop", "stream", "stream_options",
              "presence_penalty", "frequency_penalty", "seed", "logit_bias", "user", "top_k", "min_p",
              "repetition_penalty", "min_tokens", "stop_token_ids", "no_stop_trim", "ignore_eos",
-             "skip_special_tokens", "spaces_between_special_tokens", "regex", "ebnf", "rid")
+             "skip_special_tokens", "spaces_between_special_tokens", "regex", "ebnf", "rid",
+             "stop_regex", "custom_params", "custom_logit_processor")
 # OpenAI fields whose usual values ask for nothing nl lacks.
 _OPENAI_NEUTRAL = {"store": (False,), "service_tier": ("auto", "default"), "metadata": ({},),
                    "modalities": (["text"],), "parallel_tool_calls": (True,)}
@@ -151,6 +153,5 @@ OPENAI_POLICIES: dict[str, FieldPolicy] = {
         unsupported={"tool_choice": ("auto",), "lora_path": (), **_OPENAI_NEUTRAL}),
     "EmbeddingRequest": FieldPolicy(
         "/v1/embeddings",
-        honoured=("model", "input", "encoding_format", "user"),
-        unsupported={"dimensions": ()}),
+        honoured=("model", "input", "encoding_format", "user", "dimensions")),
 }

@@ -43,7 +43,10 @@ class EmbeddingServing(OpenAIServing):
         if not self.embeddings.serves_embeddings:
             raise BadRequest(NOT_EMBEDDING_MESSAGE)
         if req.dimensions is not None:
-            check_matryoshka_dimensions(self.hf_config(), self.args.model_path, req.dimensions)
+            try:
+                check_matryoshka_dimensions(self.hf_config(), self.args.model_path, req.dimensions)
+            except ValueError as e:
+                raise BadRequest(str(e), "dimensions") from e
         items = embed_items(normalize_prompt(req.input, "input"))
         try:
             outs = await self.embeddings.encode(items, request)
