@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from nlcli import __version__
 from nlcli.engine.api.encode import NOT_GENERATION_MESSAGE, register_embedding_routes
+from nlcli.engine.api.errors import install_error_handlers
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                      last_output, native_error, read_json)
 from nlcli.engine.api.native_input import parse_generate
@@ -99,6 +100,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     app.state.tm = tm
     # A weight update changes model_path / load_format; the info routes read the current args.
     app.state.server_args = args
+    install_error_handlers(app)  # 404/405 in nl's envelopes, never FastAPI's {"detail": ...}
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):

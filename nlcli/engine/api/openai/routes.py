@@ -15,6 +15,7 @@ from nlcli.engine.api.openai.chat import ChatServing
 from nlcli.engine.api.openai.completions import CompletionServing
 from nlcli.engine.api.openai.embeddings import EmbeddingServing
 from nlcli.engine.api.openai.serving import error_response
+from nlcli.engine.api.tokenize import register_tokenize_routes
 
 
 def register_openai_routes(app, tm, args) -> None:
@@ -28,6 +29,7 @@ def register_openai_routes(app, tm, args) -> None:
     app.add_api_route("/v1/completions", completions.handle, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat.handle, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings.handle, methods=["POST"])
+    register_tokenize_routes(app, tm, args, chat.chat)  # /tokenize, /detokenize (and /v1/...)
 
 
 class ModelCards:
