@@ -125,6 +125,92 @@ def test_tokenize_big_input_keeps_the_loop_free(server, tok):
     assert over.status_code == 413 and "larger than" in over.json()["error"]["message"]
 
 
+# ---- /pause_generation, /continue_generation -------------------------------------------------
+def _stream(server, prompt: str, n: int, events: list) -> threading.Thread:
+    """Stream a greedy generation in a thread; `events` gets (arrival time, output) per chunk."""
+    import orjson
+
+    def run():
+        body = {"text": prompt, "stream": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}}
+        with httpx.stream("POST", server.url + "/generate", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append((time.monotonic(), orjson.loads(line[len("data: "):])))
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _wait_for(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _pause(server, **body):
+    r = post(server, "/pause_generation", body)
+    assert (r.status_code, r.json()) == (200, {"message": "Generation paused successfully.",
+                                               "status": "ok"})
+
+
+def _continue(server):
+    r = post(server, "/continue_generation", {})
+    assert (r.status_code, r.json()) == (200, {"message": "Generation continued successfully.",
+                                               "status": "ok"})
+
+
+@pytest.mark.parametrize("mode", ["in_place", "retract"])
+def test_pause_keeps_requests_and_output_matches_unpaused(server, tok, mode):
+    prompt, n = f"Paused {mode} stream:", 80
+    want = tok.decode(reference_greedy(tok.encode(prompt), n, ignore_eos=True),
+                      skip_special_tokens=True)
+    events: list = []
+    t = _stream(server, prompt, n, events)
+    _wait_for(lambda: len(events) >= 5)
+    _pause(server, mode=mode)
+    paused_at = time.monotonic()
+    # A request sent while paused queues; it runs after continue.
+    late: dict = {}
+    late_t = threading.Thread(target=lambda: late.update(r=post(server, "/generate", {
+        "text": "late", "sampling_params": {"temperature": 0, "max_new_tokens": 4}})))
+    late_t.start()
+    time.sleep(1.0)
+    resumed_at = time.monotonic()
+    assert not any(paused_at < at < resumed_at for at, _ in events), "tokens arrived while paused"
+    assert t.is_alive() and late_t.is_alive() and not late
+    _continue(server)
+    t.join(60)
+    late_t.join(60)
+    final = events[-1][1]
+    assert final["text"] == want
+    assert final["meta_info"]["finish_reason"] == {"type": "length", "length": n}
+    assert late["r"].status_code == 200
+    assert any(at > resumed_at for at, _ in events)
+
+
+def test_pause_abort_mode_ends_requests(server):
+    events: list = []
+    t = _stream(server, "Aborted by a pause", 400, events)
+    _wait_for(lambda: len(events) >= 3)
+    _pause(server)  # mode defaults to abort
+    t.join(30)
+    assert not t.is_alive()
+    assert events[-1][1]["meta_info"]["finish_reason"]["type"] == "abort"
+    _continue(server)
+    r = post(server, "/generate", {"text": "after", "sampling_params": {"max_new_tokens": 3}})
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 3
+
+
+def test_pause_bad_mode_is_400(server):
+    r = post(server, "/pause_generation", {"mode": "sideways"})
+    assert r.status_code == 400 and "mode" in r.json()["error"]["message"]
+    r = post(server, "/continue_generation", {"torch_empty_cache": "x"})
+    assert r.status_code == 400 and "torch_empty_cache" in r.json()["error"]["message"]
+
+
 # ---- unknown routes, wrong methods ----------------------------------------------------------
 def test_unknown_route_and_method_use_nl_envelopes(server):
     r = httpx.get(server.url + "/no_such_route")

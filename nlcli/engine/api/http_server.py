@@ -24,6 +24,7 @@ from nlcli.engine.api.errors import install_error_handlers
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                      last_output, native_error, read_json)
 from nlcli.engine.api.native_input import parse_generate
+from nlcli.engine.api.pause import register_pause_routes
 from nlcli.engine.api.tokenizer_manager import EngineDeadError, TokenizerManager
 from nlcli.engine.api.update_weights import register_weight_update_routes
 
@@ -181,7 +182,9 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
         tm.args = app.state.server_args
         model_info["model_path"] = model_path
 
-    register_weight_update_routes(app, tm, on_weights_updated)
+    updates = register_weight_update_routes(app, tm, on_weights_updated)
+    pause = register_pause_routes(app, tm)  # /pause_generation, /continue_generation
+    updates.skip_drain = lambda: pause.kv_free
 
     if args.enable_metrics:
         from nlcli.engine.api.metrics import mount_metrics

@@ -136,6 +136,10 @@ class TokenizerManager:
         stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 10.0)
         return self.dead is None and not self.draining and not stale
 
+    def send(self, msg: object) -> None:
+        """Send a control message to the engine (dropped once it is dead)."""
+        self._send(msg)
+
     def _send(self, msg: object) -> None:
         if self.dead is None:
             if self.send_filter is not None and not self.send_filter(msg):

@@ -23,6 +23,7 @@ from nlcli.engine.scheduler.embedding import (finish_embedding_batch, is_embeddi
                                           takes_whole_inputs)
 from nlcli.engine.scheduler.grammar_queue import GrammarQueue, advance_grammars
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, FlushCacheReq, FlushCacheReqOutput,
+                                    GenerationControlOutput, GenerationControlReq,
                                     TokenizedGenerateReqInput, UpdateWeightReq)
 from nlcli.engine.scheduler.logprobs import (collect_input_logprobs, collect_output_logprobs,
                                             logprob_delta)
@@ -53,6 +54,7 @@ class Scheduler(SchedulerBooks):
         # Encoders (and non-last-token pooling) must see each input whole: no prefix, no chunks.
         self.whole_inputs = takes_whole_inputs(getattr(runner, "model", None))
         self.pending_update: Optional[UpdateWeightReq] = None
+        self.paused = False  # /pause_generation: no step runs; requests queue until continue
         self.tree = RadixCache(runner.token_to_kv_pool_allocator,
                                disable=server_args.disable_radix_cache or self.whole_inputs)
         self.mem = KVMemory(runner, self.tree)
@@ -89,6 +91,8 @@ class Scheduler(SchedulerBooks):
             self.send(FlushCacheReqOutput(success=self.flush_cache()))
         elif isinstance(msg, UpdateWeightReq):
             self.pending_update = msg  # applied by step() once nothing runs or waits
+        elif isinstance(msg, GenerationControlReq):
+            self._control(msg)
         else:
             logger.warning("scheduler: unknown message %r", type(msg).__name__)
 
@@ -146,6 +150,23 @@ class Scheduler(SchedulerBooks):
                 logger.info("Abort running request. req.rid=%s", req.rid)
                 req.to_abort = msg.message
 
+    def _control(self, msg: GenerationControlReq) -> None:
+        """Pause: `abort` ends every request, `retract` moves running ones back to the queue
+        (their KV freed, recomputed after continue), `in_place` keeps them and their KV."""
+        if msg.pause and msg.mode == "abort":
+            self._abort(AbortReq(abort_all=True, message="Abort request"))
+            self._reap_aborted()
+        elif msg.pause and msg.mode == "retract" and self.running:
+            self._retract(list(self.running))
+        self.paused = msg.pause
+        if not msg.pause and msg.torch_empty_cache:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        logger.info("Generation %s (mode=%s)", "paused" if msg.pause else "continued", msg.mode)
+        self.send(GenerationControlOutput(self.paused, len(self.reqs)))
+
     # ---- the step --------------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
@@ -154,11 +175,21 @@ class Scheduler(SchedulerBooks):
     @property
     def can_run(self) -> bool:
         """Work a step can do now (requests waiting only for a grammar compile cannot run)."""
-        return bool(self.waiting or self.running or self.chunked_req)
+        return not self.paused and bool(self.waiting or self.running or self.chunked_req)
+
+    @property
+    def holds_kv(self) -> bool:
+        """Requests own KV slots or locks (queued ones own none, retracted ones included)."""
+        return bool(self.running or self.chunked_req)
 
     def step(self) -> bool:
         """Run one batch if there is work; returns whether anything ran."""
         self._reap_aborted()
+        if self.paused:  # a weight update may run once no request holds KV (retract, abort)
+            if self.pending_update is not None and not self.holds_kv:
+                update, self.pending_update = self.pending_update, None
+                self.send(apply_weight_update(self, update))
+            return False
         if self.pending_update is not None and not self.has_work:
             update, self.pending_update = self.pending_update, None
             self.send(apply_weight_update(self, update))
@@ -353,7 +384,8 @@ class Scheduler(SchedulerBooks):
 
     # ---- cache and books -------------------------------------------------------------------
     def flush_cache(self) -> bool:
-        if self.has_work:
+        # While paused, queued requests hold no KV (nor locks): the tree may go.
+        if self.holds_kv or (self.has_work and not self.paused):
             logger.warning("Cache not flushed because there are pending requests. #queue-req: %d, "
                            "#running-req: %d", len(self.waiting) + bool(self.chunked_req),
                            len(self.running))
