@@ -14,6 +14,7 @@ from nlcli.engine.api.http_utils import json_response
 from nlcli.engine.api.openai.chat import ChatServing
 from nlcli.engine.api.openai.completions import CompletionServing
 from nlcli.engine.api.openai.embeddings import EmbeddingServing
+from nlcli.engine.api.openai.responses import register_responses_routes
 from nlcli.engine.api.openai.serving import error_response
 from nlcli.engine.api.tokenize import register_tokenize_routes
 
@@ -30,6 +31,7 @@ def register_openai_routes(app, tm, args) -> None:
     app.add_api_route("/v1/chat/completions", chat.handle, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings.handle, methods=["POST"])
     register_tokenize_routes(app, tm, args, chat.chat)  # /tokenize, /detokenize (and /v1/...)
+    register_responses_routes(app, tm, args, chat.chat)  # /v1/responses, GET /v1/responses/{id}
 
 
 class ModelCards:
