@@ -49,6 +49,8 @@ class ForwardBatch:
     # Set by the model runner: the attention backend's per-forward plan (e.g. padded decode
     # indices), computed once per forward and shared by every layer.
     attn_backend: Optional[Any] = None
+    # [num_tokens] int64 segment ids, set only for cross-encoder (query, document) pairs.
+    token_type_ids: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:

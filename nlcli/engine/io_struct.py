@@ -23,6 +23,7 @@ class TokenizedGenerateReqInput:
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k+1 .. P-1 (0: all)
     top_logprobs_num: int = 0
+    token_type_ids: Optional[list[int]] = None  # segment ids of a cross-encoder's (query, doc) pair
 
 
 @dataclass

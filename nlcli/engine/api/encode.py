@@ -42,6 +42,7 @@ class EmbedItem:
     text: Optional[str]
     input_ids: Optional[list[int]]
     rid: str
+    token_type_ids: Optional[list[int]] = None  # a cross-encoder pair's segments (/v1/rerank)
 
 
 def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
@@ -148,7 +149,8 @@ class EmbeddingManager:
             raise ValueError(f"rid {item.rid!r} is already in use.")
         from nlcli.engine.sampling.params import SamplingParams
 
-        msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0))
+        msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0),
+                                        token_type_ids=item.token_type_ids)
         return msg, EmbeddingState(item.rid, n)
 
     def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:

@@ -24,6 +24,7 @@ from nlcli.engine.api.errors import install_error_handlers
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                      last_output, native_error, read_json)
 from nlcli.engine.api.native_input import parse_generate
+from nlcli.engine.api.openai.rerank import register_rerank_routes
 from nlcli.engine.api.pause import register_pause_routes
 from nlcli.engine.api.tokenizer_manager import EngineDeadError, TokenizerManager
 from nlcli.engine.api.update_weights import register_weight_update_routes
@@ -174,7 +175,8 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     register_openai_routes(app, tm, args)
 
-    register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+    embeddings = register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
+    register_rerank_routes(app, tm, args, embeddings)  # /v1/rerank
 
     def on_weights_updated(model_path: str, load_format: str) -> None:
         app.state.server_args = app.state.server_args.replace(model_path=model_path,

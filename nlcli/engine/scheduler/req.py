@@ -53,6 +53,7 @@ class Req:
         self.num_sent = 0  # output ids already handed to the API process
         self.to_abort: Optional[str] = None
         self.num_retractions = 0
+        self.token_type_ids: Optional[list[int]] = None  # cross-encoder pairs (see io_struct)
 
     # ---- sizes ---------------------------------------------------------------------------
     @property

@@ -113,6 +113,7 @@ class Scheduler(SchedulerBooks):
                   return_logprob=getattr(msg, "return_logprob", False),
                   logprob_start_len=getattr(msg, "logprob_start_len", -1),
                   top_logprobs_num=getattr(msg, "top_logprobs_num", 0))
+        req.token_type_ids = getattr(msg, "token_type_ids", None)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
         except ValueError as e:
