@@ -21,7 +21,7 @@ _arrival = itertools.count()
 class Req:
     def __init__(self, rid: str, input_ids: list[int], sampling_params: SamplingParams,
                  stream: bool = False, return_logprob: bool = False, logprob_start_len: int = -1,
-                 top_logprobs_num: int = 0):
+                 top_logprobs_num: int = 0, token_type_ids: Optional[list[int]] = None):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
@@ -55,6 +55,7 @@ class Req:
         self.num_sent = 0  # output ids already handed to the API process
         self.to_abort: Optional[str] = None
         self.num_retractions = 0
+        self.token_type_ids = token_type_ids  # a cross-encoder pair's segments (see io_struct)
 
     # ---- sizes ---------------------------------------------------------------------------
     @property
