@@ -145,7 +145,8 @@ class Scheduler:
         self._reap_aborted()
         update = self.control.take_update(self.has_work, bool(self.running or self.chunked_req))
         if update is not None:
-            answer, self.args = apply_weight_update(self.runner, self.args, update, self.flush_cache)
+            answer, self.args = apply_weight_update(self.runner, self.args, update,
+                                                    self.flush_cache)
             self.send(answer)
         if self.control.paused:
             return False
