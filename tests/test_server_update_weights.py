@@ -2,7 +2,9 @@
 /update_weights_from_disk change greedy output and the reported model_path, updating back restores
 byte-identical output, refused updates answer with SGLang's exact texts and change nothing, an
 update waits for running streams while new requests queue, and a second concurrent update is
-refused. A generation server refuses /encode and /classify with the spec's message."""
+refused; `abort_all_requests` aborts running streams instead, and while generation is paused in
+`retract` mode an update runs at once and the paused stream resumes on the new weights. A
+generation server refuses /encode and /classify with the spec's message."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tests.tiny_models import perturbed_copy
 pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
-SUCCESS = {"success": True, "message": "Succeeded to update model weights."}
+SUCCESS = {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 BUSY = "Another update is in progress. Please try again later."
 ROLLBACK = "\nRolling back to original weights."
 NOT_EMBEDDING = ("This model does not appear to be an embedding model by default. Please add "
@@ -101,7 +103,7 @@ def test_refused_updates_change_nothing(server, dirs, tmp_path):
     for path, message in cases:
         r = update(server, path)
         assert r.status_code == 400
-        assert r.json() == {"success": False, "message": message}
+        assert r.json() == {"success": False, "message": message, "num_paused_requests": 0}
         assert model_path(server) == dirs["base"]
         assert greedy(server)["text"] == before["text"]
     r = httpx.post(server.url + "/update_weights", json={"load_format": "auto"}, timeout=30)
@@ -157,7 +159,8 @@ def test_update_waits_for_running_streams(server, dirs):
     r1, second, running_at_second, updated_at, log, finals, queued_out = asyncio.run(scenario())
     try:
         assert running_at_second, "the streams ended before the test could overlap them"
-        assert (second.status_code, second.json()) == (400, {"success": False, "message": BUSY})
+        assert (second.status_code, second.json()) == (400, {"success": False, "message": BUSY,
+                                                            "num_paused_requests": 0})
         assert (r1.status_code, r1.json()) == (200, SUCCESS)
         # Every stream finished, on the old weights, before the update answered.
         assert all(t <= updated_at for t, _ in log.values())
@@ -170,3 +173,72 @@ def test_update_waits_for_running_streams(server, dirs):
     finally:
         assert update(server, dirs["base"]).json() == SUCCESS
     assert queued_out["text"] != greedy(server, queued_prompt, 16)["text"]  # not the old weights
+
+
+def _open_stream(server, prompt: str, n: int, chunks: list) -> "threading.Thread":
+    import threading
+
+    import orjson
+
+    def run():
+        body = {"text": prompt, "stream": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}}
+        with httpx.stream("POST", server.url + "/generate", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(orjson.loads(line[len("data: "):]))
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _wait_for(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("field", ["abort_all_requests", "abort_all"])
+def test_abort_all_requests_aborts_instead_of_waiting(server, dirs, field):
+    chunks: list = []
+    t = _open_stream(server, "A long story begins", 3000, chunks)
+    _wait_for(lambda: len(chunks) >= 2)
+    try:
+        r = update(server, dirs["perturbed"], **{field: True})
+        assert (r.status_code, r.json()) == (200, SUCCESS)
+        t.join(60)
+        assert not t.is_alive()
+        final = chunks[-1]["meta_info"]
+        assert final["finish_reason"]["type"] == "abort" and final["completion_tokens"] < 3000
+    finally:
+        assert update(server, dirs["base"]).json() == SUCCESS
+    r = update(server, dirs["base"], abort_all_requests="yes")
+    assert r.status_code == 400 and "abort_all_requests" in r.json()["message"]
+
+
+def test_update_while_paused_in_retract_mode(server, dirs):
+    prompt, n = "Paused across an update", 200
+    old_full = greedy(server, prompt, n)["text"]
+    chunks: list = []
+    t = _open_stream(server, prompt, n, chunks)
+    _wait_for(lambda: len(chunks) >= 3)
+    try:
+        r = httpx.post(server.url + "/pause_generation", json={"mode": "retract"}, timeout=30)
+        assert r.json() == {"message": "Generation paused successfully.", "status": "ok"}
+        at_pause = chunks[-1]["text"]
+        # No drain: the paused (retracted) stream does not hold the update back.
+        r = update(server, dirs["perturbed"])
+        assert r.status_code == 200 and r.json()["num_paused_requests"] == 1
+        assert t.is_alive()
+        r = httpx.post(server.url + "/continue_generation", json={}, timeout=30)
+        assert r.json() == {"message": "Generation continued successfully.", "status": "ok"}
+        t.join(120)
+        final = chunks[-1]
+        assert final["meta_info"]["finish_reason"] == {"type": "length", "length": n}
+        assert final["text"].startswith(at_pause)
+        assert final["text"] != old_full  # the rest came from the new weights
+    finally:
+        httpx.post(server.url + "/continue_generation", json={}, timeout=30)
+        assert update(server, dirs["base"]).json() == SUCCESS

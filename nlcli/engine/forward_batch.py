@@ -51,6 +51,8 @@ class ForwardBatch:
     # by every layer so no layer plans or syncs with the device.
     attn_backend: Optional[Any] = None
     attn_plan: Optional[Any] = None
+    # [num_tokens] int64 segment ids, set only for cross-encoder (query, document) pairs.
+    token_type_ids: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,9 +1,10 @@
 """IPC messages between the API process and the engine process (pickled over ZMQ).
 
-API -> engine: TokenizedGenerateReqInput, AbortReq, FlushCacheReq, UpdateWeightReq, ShutdownReq.
+API -> engine: TokenizedGenerateReqInput, AbortReq, FlushCacheReq, UpdateWeightReq,
+GenerationControlReq, ShutdownReq.
 Engine -> API: EngineReady (once), BatchTokenIDOut (output deltas), BatchEmbeddingOut (pooled
 vectors / scores of embedding servers), FlushCacheReqOutput, UpdateWeightReqOutput,
-Heartbeat (about once a second, with the scheduler's gauges).
+GenerationControlOutput, Heartbeat (about once a second, with the scheduler's gauges).
 Plain dataclasses of builtins so the API process can unpickle them without torch model code.
 """
 
@@ -23,6 +24,7 @@ class TokenizedGenerateReqInput:
     logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k+1 .. P-1 (0: all)
     top_logprobs_num: int = 0
     custom_logit_processor: Optional[str] = None  # CustomLogitProcessor.to_str() (SGLang's format)
+    token_type_ids: Optional[list[int]] = None  # segment ids of a cross-encoder's (query, doc) pair
 
 
 @dataclass
@@ -130,3 +132,19 @@ class UpdateWeightReqOutput:
     message: str
     model_path: str  # what the engine serves afterwards (unchanged on failure)
     load_format: str
+
+
+@dataclass
+class GenerationControlReq:
+    """/pause_generation (pause=True, with SGLang's mode: "abort" | "retract" | "in_place") and
+    /continue_generation (pause=False)."""
+
+    pause: bool
+    mode: str = "abort"
+    torch_empty_cache: bool = False
+
+
+@dataclass
+class GenerationControlOutput:
+    paused: bool
+    num_paused_requests: int = 0  # requests held in the engine (running or queued)

@@ -45,6 +45,7 @@ class EmbedItem:
     text: Optional[str]
     input_ids: Optional[list[int]]
     rid: str
+    token_type_ids: Optional[list[int]] = None  # a cross-encoder pair's segments (/v1/rerank)
 
 
 def parse_encode(body: Any) -> tuple[list[EmbedItem], bool]:
@@ -149,7 +150,8 @@ class EmbeddingManager:
             ids = self.tokenize(item.text)
         n = len(ids)
         check_input_len(n, self.tm.context_len, self.tm.pool_size)
-        msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0))
+        msg = TokenizedGenerateReqInput(item.rid, list(ids), SamplingParams(max_new_tokens=0),
+                                        token_type_ids=item.token_type_ids)
         return msg, EmbeddingState(item.rid, n)
 
     def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:

@@ -1,9 +1,11 @@
 """The FastAPI app: the native SGLang routes, and the assembly of everything else in front of and
 beside them.
 
-The OpenAI /v1 routes are added by openai/routes.py, /encode /classify /judge by encode.py, the
-weight-update routes by update_weights.py, /metrics by metrics.py; the pure-ASGI middleware (API
-key, body-size cap) is middleware.py's, CORS is Starlette's (also pure ASGI).
+The OpenAI /v1 routes are added by openai/routes.py (/v1/rerank by openai/rerank.py), /encode
+/classify /judge by encode.py, the weight-update routes by update_weights.py, /pause_generation and
+/continue_generation by pause.py, /metrics by metrics.py; 404/405 envelopes are errors.py's; the
+pure-ASGI middleware (API key, body-size cap) is middleware.py's, CORS is Starlette's (also pure
+ASGI).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from fastapi.responses import Response, StreamingResponse
 
 from nlcli import __version__
 from nlcli.engine.api.encode import NOT_GENERATION_MESSAGE, register_embedding_routes
+from nlcli.engine.api.errors import install_error_handlers
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                          last_output, native_error, read_json)
 from nlcli.engine.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from nlcli.engine.api.native_input import parse_generate
+from nlcli.engine.api.openai.rerank import register_rerank_routes
+from nlcli.engine.api.pause import register_pause_routes
 from nlcli.engine.api.tokenizer_manager import EngineDeadError, TokenizerManager
 from nlcli.engine.api.update_weights import register_weight_update_routes
 
@@ -38,6 +43,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     app.state.tm = tm
     # A weight update changes model_path / load_format; the info routes read the current args.
     app.state.server_args = args
+    install_error_handlers(app)  # 404/405 in nl's envelopes, never FastAPI's {"detail": ...}
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
@@ -110,6 +116,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     embeddings = register_embedding_routes(app, tm, args)  # /encode, /classify, /judge
     register_openai_routes(app, tm, args, embeddings)
+    register_rerank_routes(app, tm, args, embeddings)  # /v1/rerank
 
     def on_weights_updated(model_path: str, load_format: str) -> None:
         app.state.server_args = app.state.server_args.replace(model_path=model_path,
@@ -117,7 +124,9 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
         tm.set_args(app.state.server_args)
         model_info["model_path"] = model_path
 
-    register_weight_update_routes(app, tm, on_weights_updated)
+    pause = register_pause_routes(app, tm)  # /pause_generation, /continue_generation
+    # Paused with no request holding KV, an update need not wait for the paused requests.
+    register_weight_update_routes(app, tm, on_weights_updated, skip_drain=lambda: pause.kv_free)
 
     if args.enable_metrics:
         from nlcli.engine.api.metrics import mount_metrics

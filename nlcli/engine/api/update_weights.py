@@ -2,9 +2,10 @@
 
 API process: one update at a time (a second one is refused at once with SGLang's message); new
 requests are held in the API process while it waits for every request already sent to the
-engine to finish, then the engine is asked to update; held requests go out once it answered, in
-their arrival order, so they run on whichever weights are then served. On success the server
-args and model info report the new `model_path` / `load_format`.
+engine to finish (or aborts them, with `abort_all_requests`; or, while generation is paused with
+no request holding KV, goes ahead at once), then the engine is asked to update; held requests go
+out once it answered, in their arrival order, so they run on whichever weights are then served.
+On success the server args and model info report the new `model_path` / `load_format`.
 
 The engine's half is `nlcli.engine.scheduler.weight_update`. Importing this module imports no torch.
 """
@@ -28,43 +29,56 @@ _POLL = 0.01
 
 
 class WeightUpdateManager:
-    def __init__(self, tm, on_success: Callable[[str, str], None]):
+    def __init__(self, tm, on_success: Callable[[str, str], None],
+                 skip_drain: Callable[[], bool] = lambda: False):
         self.tm = tm
         self.on_success = on_success
         self.lock = asyncio.Lock()
         self.result: Optional[asyncio.Future] = None
+        # True while generation is paused with no request holding KV (see pause.py): the engine
+        # can update at once, so in-flight (paused) requests are not waited for.
+        self.skip_drain = skip_drain
         tm.on_message(UpdateWeightReqOutput, self._on_result)
 
     def _on_result(self, msg: UpdateWeightReqOutput) -> None:
         if self.result is not None and not self.result.done():
             self.result.set_result(msg)
 
-    async def update(self, model_path: str, load_format: Optional[str]) -> tuple[bool, str]:
+    async def update(self, model_path: str, load_format: Optional[str],
+                     abort_all: bool = False) -> tuple[bool, str, int]:
+        """(success, message, num_paused_requests); `abort_all` aborts in-flight requests
+        instead of waiting for them (SGLang's `abort_all_requests`)."""
         if self.lock.locked():
-            return False, BUSY_MESSAGE
+            return False, BUSY_MESSAGE, 0
         async with self.lock:
             tm = self.tm
             tm.hold_new_requests()
+            paused = 0
             try:
                 in_flight = tm.in_flight()
+                if abort_all and in_flight:
+                    logger.info("Update weights: aborting %d in-flight request(s)", len(in_flight))
+                    tm.abort_all()
+                elif self.skip_drain():
+                    paused, in_flight = len(in_flight), []
                 if in_flight:
                     logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
                 while any(not st.finished for st in in_flight):
                     if tm.dead is not None:
-                        return False, f"Failed to update weights: {tm.dead}"
+                        return False, f"Failed to update weights: {tm.dead}", 0
                     await asyncio.sleep(_POLL)
                 self.result = asyncio.get_running_loop().create_future()
                 tm.send(UpdateWeightReq(model_path, load_format))
                 while not self.result.done():
                     if tm.dead is not None:
-                        return False, f"Failed to update weights: {tm.dead}"
+                        return False, f"Failed to update weights: {tm.dead}", 0
                     await asyncio.wait({self.result}, timeout=0.2)
                 out: UpdateWeightReqOutput = self.result.result()
             finally:
                 tm.release_held()
             if out.success:
                 self.on_success(out.model_path, out.load_format)
-            return out.success, out.message
+            return out.success, out.message, paused
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -76,16 +90,22 @@ class WeightUpdateManager:
         load_format = body.get("load_format")
         if load_format is not None and not isinstance(load_format, str):
             return _result(False, "load_format must be a string or null.")
-        success, message = await self.update(body["model_path"], load_format)
-        return _result(success, message)
+        abort_all = body.get("abort_all_requests", body.get("abort_all", False))
+        if not isinstance(abort_all, bool):
+            return _result(False, "abort_all_requests must be a boolean.")
+        success, message, paused = await self.update(body["model_path"], load_format, abort_all)
+        return _result(success, message, paused)
 
 
-def _result(success: bool, message: str) -> Response:
-    return json_response({"success": success, "message": message}, 200 if success else 400)
+def _result(success: bool, message: str, num_paused_requests: int = 0) -> Response:
+    return json_response({"success": success, "message": message,
+                          "num_paused_requests": num_paused_requests}, 200 if success else 400)
 
 
-def register_weight_update_routes(app, tm, on_success: Callable[[str, str], None]) -> WeightUpdateManager:
-    manager = WeightUpdateManager(tm, on_success)
+def register_weight_update_routes(app, tm, on_success: Callable[[str, str], None],
+                                  skip_drain: Callable[[], bool] = lambda: False
+                                  ) -> WeightUpdateManager:
+    manager = WeightUpdateManager(tm, on_success, skip_drain)
     for path in ("/update_weights_from_disk", "/update_weights"):
         app.add_api_route(path, manager.handle, methods=["POST"])
     return manager

@@ -22,6 +22,9 @@ _EMBEDDING_MODELS = {
     "BertModel": ("bert", "BertModel"),
     "RobertaModel": ("bert", "RobertaModel"),
     "XLMRobertaModel": ("bert", "XLMRobertaModel"),
+    # cross-encoder rerankers (/v1/rerank)
+    **{f"{family}ForSequenceClassification": ("cross_encoder", f"{family}ForSequenceClassification")
+       for family in ("Bert", "Roberta", "XLMRoberta")},
     **{
         f"{family}ForSequenceClassification": ("sequence_classification", f"{family}ForSequenceClassification")
         for family in ("Llama", "Mistral", "Qwen2", "Qwen3")

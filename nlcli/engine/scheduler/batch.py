@@ -41,7 +41,7 @@ def prepare_extend(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
         r2t[row, pre: pre + ext] = out_cache_loc[start: start + ext].to(r2t.device)
         r.kv_len = pre + ext
         start += ext
-    return ForwardBatch.create(
+    fb = ForwardBatch.create(
         input_ids=[r.fill_ids[r.prefix_len:] for r in reqs],
         prefix_lens=[r.prefix_len for r in reqs],
         req_pool_indices=[r.req_pool_idx for r in reqs],
@@ -49,6 +49,11 @@ def prepare_extend(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
         device=mem.device,
         return_all_logits=any(r.return_all_logits for r in reqs),
     )
+    if any(r.token_type_ids is not None for r in reqs):  # cross-encoder pairs (whole inputs)
+        types = [t for r in reqs
+                 for t in (r.token_type_ids or [0] * len(r.fill_ids))[r.prefix_len:len(r.fill_ids)]]
+        fb.token_type_ids = torch.tensor(types, dtype=torch.int64, device=fb.input_ids.device)
+    return fb
 
 
 def prepare_decode(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:

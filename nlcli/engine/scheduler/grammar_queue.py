@@ -80,6 +80,16 @@ class GrammarQueue:
         self.pending = still
         return ready, failed
 
+    def admit(self, finish: Callable[[list[Req]], None]) -> list[Req]:
+        """`poll`, then end the failed requests with a 400 abort (`finish` reports them); returns
+        the ready ones, for the waiting queue."""
+        ready, failed = self.poll()
+        for req, message in failed:
+            req.finish_abort(message, status_code=400)
+        if failed:
+            finish([r for r, _ in failed])
+        return ready
+
 
 def advance_grammars(reqs: Sequence[Req], next_ids: Sequence[int]) -> None:
     """Feed each unfinished constrained request its sampled token (after the length/EOS checks).

@@ -22,7 +22,8 @@ _arrival = itertools.count()
 class Req:
     def __init__(self, rid: str, input_ids: list[int], sampling_params: SamplingParams,
                  stream: bool = False, return_logprob: bool = False, logprob_start_len: int = -1,
-                 top_logprobs_num: int = 0, custom_logit_processor: Optional[str] = None):
+                 top_logprobs_num: int = 0, custom_logit_processor: Optional[str] = None,
+                 token_type_ids: Optional[list[int]] = None):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
@@ -62,6 +63,7 @@ class Req:
         # deadlines (timeouts.py): entered the queue (again, after a retraction); first prefill
         self.queued_at = time.monotonic()
         self.started_at: Optional[float] = None
+        self.token_type_ids = token_type_ids  # a cross-encoder pair's segments (see io_struct)
 
     # ---- sizes ---------------------------------------------------------------------------
     @property

@@ -5,7 +5,8 @@ of every running request; new requests join between steps (continuous batching).
 step cannot get one slot per request, the newest requests are retracted to the front of the queue
 and later re-prefilled from prompt + output so far (greedy output is unchanged). Its parts are
 owned objects: `KVMemory` (cache.py), `OutputProcessor` (output.py: appends, finish checks, emits,
-the live-request table), `SchedulerBooks` (books.py) and `GrammarQueue` (grammar_queue.py).
+the live-request table), `SchedulerBooks` (books.py), `GrammarQueue` (grammar_queue.py) and
+`StepControl` (control.py: when a weight update may run, /pause_generation's pause).
 `NL_TEST_RETRACT=1` forces a retraction of the newer half of the batch every third decode step.
 """
 
@@ -19,13 +20,15 @@ from typing import Callable, Optional
 
 from nlcli.engine.configs.model_source import resolve_model_source
 from nlcli.engine.detokenizer import StopChecker
-from nlcli.engine.io_struct import (AbortReq, FlushCacheReq, FlushCacheReqOutput, Heartbeat,
-                                    TokenizedGenerateReqInput, UpdateWeightReq)
+from nlcli.engine.io_struct import (AbortReq, FlushCacheReq, FlushCacheReqOutput,
+                                    GenerationControlReq, Heartbeat, TokenizedGenerateReqInput,
+                                    UpdateWeightReq)
 from nlcli.engine.limits import check_input_len
 from nlcli.engine.sampling.custom_logit_processor import load_processor
 from nlcli.engine.scheduler.batch import prepare_decode, prepare_extend
 from nlcli.engine.scheduler.books import SchedulerBooks
 from nlcli.engine.scheduler.cache import KVMemory
+from nlcli.engine.scheduler.control import StepControl
 from nlcli.engine.scheduler.embedding import (finish_embedding_batch, is_embedding_output,
                                               takes_whole_inputs)
 from nlcli.engine.scheduler.grammar_queue import GrammarQueue
@@ -64,7 +67,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
-        self.pending_update: Optional[UpdateWeightReq] = None
+        self.control = StepControl(send)  # a pending weight update; /pause_generation
         self.force_retract = os.environ.get("NL_TEST_RETRACT") == "1"
 
     @property
@@ -85,7 +88,14 @@ class Scheduler:
         elif isinstance(msg, FlushCacheReq):
             self.send(FlushCacheReqOutput(success=self.flush_cache()))
         elif isinstance(msg, UpdateWeightReq):
-            self.pending_update = msg  # applied by step() once nothing runs or waits
+            self.control.queue_update(msg)  # applied by step() once nothing runs or waits
+        elif isinstance(msg, GenerationControlReq):  # the pause mode's work, then the answer
+            if msg.pause and msg.mode == "abort":
+                self._abort(AbortReq(abort_all=True, message="Abort request"))
+                self._reap_aborted()
+            elif msg.pause and msg.mode == "retract" and self.running:
+                self._retract(list(self.running))
+            self.control.apply(msg, len(self.outputs.live()))
         else:
             logger.warning("scheduler: unknown message %r", type(msg).__name__)
 
@@ -93,7 +103,8 @@ class Scheduler:
         req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream,
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
                   top_logprobs_num=msg.top_logprobs_num,
-                  custom_logit_processor=msg.custom_logit_processor)
+                  custom_logit_processor=msg.custom_logit_processor,
+                  token_type_ids=msg.token_type_ids)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
             if req.custom_logit_processor:
@@ -138,7 +149,7 @@ class Scheduler:
     @property
     def can_run(self) -> bool:
         """Work a step can do now (requests waiting only for a grammar compile cannot run)."""
-        return bool(self.waiting or self.running or self.chunked_req)
+        return not self.control.paused and bool(self.waiting or self.running or self.chunked_req)
 
     def step(self) -> bool:
         """Run one batch if there is work; returns whether anything ran."""
@@ -147,13 +158,15 @@ class Scheduler:
             gone, self.chunked_req = self.limits.expire(self.waiting, self.running, self.chunked_req)
             self.running = [r for r in self.running if not r.finished]
             self.outputs.finish(gone)
-        if self.pending_update is not None and not self.has_work:
-            update, self.pending_update = self.pending_update, None
+        update = self.control.take_update(self.has_work, bool(self.running or self.chunked_req))
+        if update is not None:
             answer, self.args = apply_weight_update(self.runner, self.args, update,
                                                     self.flush_cache)
             self.send(answer)
+        if self.control.paused:
+            return False
         if self.grammar_queue:
-            self._admit_grammars()
+            self.waiting.extend(self.grammar_queue.admit(self.outputs.finish))
         if not self.has_work:
             if not self.books.checked:
                 self.books.check()
@@ -164,14 +177,6 @@ class Scheduler:
             self._run_decode()
             return True
         return False
-
-    def _admit_grammars(self) -> None:
-        ready, failed = self.grammar_queue.poll()
-        self.waiting.extend(ready)
-        for req, message in failed:
-            req.finish_abort(message, status_code=400)
-        if failed:
-            self.outputs.finish([r for r, _ in failed])
 
     def _reap_aborted(self) -> None:
         gone = [r for r in self.running if r.to_abort]
@@ -289,7 +294,7 @@ class Scheduler:
         return len(failed)
 
     def flush_cache(self) -> bool:
-        if self.has_work:
+        if not self.control.flush_allowed(self.has_work, bool(self.running or self.chunked_req)):
             logger.warning("Cache not flushed because there are pending requests. #queue-req: %d, "
                            "#running-req: %d", len(self.waiting) + bool(self.chunked_req),
                            len(self.running))

@@ -1,9 +1,10 @@
 """The OpenAI-compatible /v1 API's entry point: the route table (`register_openai_routes`, which
 http_server.py calls) and /v1/models, the one served model's card.
 
-Each route's work lives in its own module: completions.py, chat.py and embeddings.py, on the
-shared plumbing of serving.py; the wire shapes (request models, logprob formats, the error
-envelope) are protocol.py's.
+Each route's work lives in its own module: completions.py, chat.py, embeddings.py and
+responses.py (/v1/responses), on the shared plumbing of serving.py, and ../tokenize.py (/tokenize,
+/detokenize); the wire shapes (request models, logprob formats, the error envelope) are
+protocol.py's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from nlcli.engine.api.http_utils import json_response
 from nlcli.engine.api.openai.chat import ChatServing
 from nlcli.engine.api.openai.completions import CompletionServing
 from nlcli.engine.api.openai.embeddings import EmbeddingServing
+from nlcli.engine.api.openai.responses import register_responses_routes
 from nlcli.engine.api.openai.serving import error_response
+from nlcli.engine.api.tokenize import register_tokenize_routes
 
 
 def register_openai_routes(app, tm, args, embeddings: EmbeddingManager) -> None:
@@ -30,6 +33,8 @@ def register_openai_routes(app, tm, args, embeddings: EmbeddingManager) -> None:
     app.add_api_route("/v1/completions", completions.handle, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat.handle, methods=["POST"])
     app.add_api_route("/v1/embeddings", embedding.handle, methods=["POST"])
+    register_tokenize_routes(app, tm, args, chat.chat)  # /tokenize, /detokenize (and /v1/...)
+    register_responses_routes(app, tm, args, chat.chat)  # /v1/responses, GET /v1/responses/{id}
 
 
 class ModelCards:
