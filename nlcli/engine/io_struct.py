@@ -20,7 +20,7 @@ class TokenizedGenerateReqInput:
     sampling_params: Any  # SamplingParams (picklable dataclass)
     stream: bool = False
     return_logprob: bool = False
-    logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k+1 .. P-1 (0: all)
+    logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k .. P-1 (first null)
     top_logprobs_num: int = 0
 
 
@@ -64,7 +64,7 @@ class LogprobDelta:
     """Logprobs of one request that the API process has not seen yet (raw floats and ids).
 
     Output lists align with the `new_token_ids` of the same entry; the input lists come once, in
-    the spec's order (first entry `(None, first prompt id)` when logprob_start_len is 0).
+    the spec's order (first entry `(None, prompt id k)` for logprob_start_len k, as SGLang).
     """
 
     output_token_logprobs: list[float] = field(default_factory=list)

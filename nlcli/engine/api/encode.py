@@ -82,7 +82,8 @@ def embed_items(prompts: list[Union[str, list[int]]], rids: Optional[list[Option
         text, ids = (p, None) if isinstance(p, str) else (None, list(p))
         items.append(EmbedItem(text, ids, r or uuid.uuid4().hex))
     if len({it.rid for it in items}) != len(items):
-        raise ValueError("rid entries must be distinct.")
+        raise ValueError("Duplicate request ID detected within the request; rid entries must be "
+                         "distinct.")
     return items
 
 

@@ -154,8 +154,11 @@ def _samples(text: Optional[str], ids: Optional[list[int]], sampling: dict, rid:
 
 def _check_distinct(items: list[GenItem]) -> None:
     # Outputs are routed by rid: a repeated one would leave a client waiting forever.
-    if len({it.rid for it in items}) != len(items):
-        raise ValueError("rid entries must be distinct.")
+    seen: set[str] = set()
+    dups = [it.rid for it in items if it.rid in seen or seen.add(it.rid)]
+    if dups:
+        raise ValueError(f"Duplicate request ID detected within the request: {dups}; rid entries "
+                         f"must be distinct.")
 
 
 def _positive_n(n: Any) -> int:

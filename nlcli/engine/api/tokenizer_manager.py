@@ -180,7 +180,7 @@ class TokenizerManager:
         self.check_accepting()
         for msg, _ in prepared:
             if msg.rid in self._states:
-                raise ValueError(f"rid {msg.rid!r} is already in use.")
+                raise ValueError(f"Duplicate request ID detected: {msg.rid} (rid is already in use).")
         for msg, st in prepared:
             self._states[st.rid] = st
             if self.args.log_requests:

@@ -30,18 +30,19 @@ def verify_logprob_args(
         raise ValueError(
             f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS_NUM}], got {top_logprobs_num}."
         )
-    if prompt_len is not None and logprob_start_len >= prompt_len:
+    if prompt_len is not None and logprob_start_len > prompt_len:
         raise ValueError(
-            f"logprob_start_len ({logprob_start_len}) must be less than the number of prompt "
-            f"tokens ({prompt_len})."
+            f"logprob_start_len={logprob_start_len} is higher than the number of input tokens "
+            f"({prompt_len}). Please use a smaller logprob_start_len."
         )
 
 
 def input_logprob_rows(prompt_len: int, logprob_start_len: int) -> tuple[int, int]:
     """[first, last) prompt positions whose logits the input logprobs need.
 
-    -1 needs none; k >= 0 needs rows k .. P-2 (predicting tokens k+1 .. P-1). A scheduler asks the
-    runner for all logits of an extend only when this range is non-empty.
+    -1 needs none; k >= 0 needs rows k .. P-2 (predicting tokens k+1 .. P-1; the entry of token k
+    itself is reported with a null logprob, as SGLang does). A scheduler asks the runner for all
+    logits of an extend only when this range is non-empty.
     """
     if logprob_start_len < 0:
         return (prompt_len, prompt_len)

@@ -52,10 +52,10 @@ def _finalize_input(req: Req, first: int, last: int) -> None:
     prompt = req.origin_input_ids
     pairs: list = list(zip(req.input_lp_acc, prompt[first + 1: last + 1]))
     tops: list = list(req.input_top_acc)
-    if req.logprob_start_len == 0:
-        # The first prompt token has no context to be predicted from.
-        pairs.insert(0, (None, prompt[0]))
-        tops.insert(0, None)
+    # SGLang's alignment: P - k entries for prompt positions k .. P-1, the first with a null
+    # logprob (for k == 0 there is no context to predict it from; for k > 0 its row is not computed).
+    pairs.insert(0, (None, prompt[first]))
+    tops.insert(0, None)
     req.input_token_logprobs = pairs
     req.input_top_logprobs = tops if req.top_logprobs_num > 0 else None
     req.input_lp_acc, req.input_top_acc = [], []

@@ -28,7 +28,9 @@ class Req:
         self.stream = stream
         # logprobs (see logprob_collector.py); input ones are computed once, at the first prefill
         self.return_logprob = return_logprob
-        self.logprob_start_len = logprob_start_len if return_logprob else -1
+        # k == P asks for no prompt position at all: the same as -1 (an empty list).
+        start = logprob_start_len if return_logprob else -1
+        self.logprob_start_len = -1 if start >= len(self.origin_input_ids) else start
         self.top_logprobs_num = top_logprobs_num if return_logprob else 0
         self.output_token_logprobs: list[float] = []
         self.output_top_logprobs: list[list[tuple[float, int]]] = []
