@@ -22,6 +22,7 @@ class TokenizedGenerateReqInput:
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k .. P-1 (first null)
     top_logprobs_num: int = 0
+    token_ids_logprob: Optional[list[int]] = None
 
 
 @dataclass
@@ -71,6 +72,11 @@ class LogprobDelta:
     output_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     input_token_logprobs: Optional[list[tuple[Optional[float], int]]] = None
     input_top_logprobs: Optional[list[Optional[list[tuple[float, int]]]]] = None
+    # token_ids_logprob: per position, the listed ids' logprobs in the request's order (input:
+    # first entry None, like input_token_logprobs; output: one per output token, or one for
+    # max_new_tokens == 0)
+    output_token_ids_logprobs: Optional[list[list[float]]] = None
+    input_token_ids_logprobs: Optional[list[Optional[list[float]]]] = None
 
 
 @dataclass

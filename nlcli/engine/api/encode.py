@@ -23,6 +23,7 @@ from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, nat
 from nlcli.engine.api.native_input import is_int_list, request_rids
 from nlcli.engine.api.prepare import check_vocab
 from nlcli.engine.api.req_state import EngineDeadError, ReqState
+from nlcli.engine.api.token_only import TEXT_PROMPT
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.limits import check_input_len
 from nlcli.engine.sampling.params import SamplingParams
@@ -132,6 +133,8 @@ class EmbeddingManager:
         return self._config
 
     def tokenize(self, text: str) -> list[int]:
+        if self.tm.tokenizer is None:  # --skip-tokenizer-init
+            raise ValueError(TEXT_PROMPT)
         cfg = self.embedding_config()
         if cfg.do_lower_case:
             text = text.lower()

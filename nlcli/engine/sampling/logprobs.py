@@ -80,3 +80,12 @@ def top_logprobs_of(
     vals, ids = torch.topk(sel, min(kmax, sel.shape[-1]), dim=-1)
     vals, ids = vals.tolist(), ids.tolist()
     return [list(zip(v[:k], i[:k])) for v, i, k in zip(vals, ids, top_k)]
+
+
+def ids_logprobs(logits: torch.Tensor, token_ids: Sequence[int]) -> list[list[float]]:
+    """Log-softmax of each logits row at the given ids (`token_ids_logprob`), in their order."""
+    if logits.shape[0] == 0:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.as_tensor(list(token_ids), dtype=torch.int64, device=lp.device)
+    return lp.index_select(1, idx).tolist()

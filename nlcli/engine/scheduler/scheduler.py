@@ -88,7 +88,7 @@ class Scheduler:
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
         req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream,
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
-                  top_logprobs_num=msg.top_logprobs_num)
+                  top_logprobs_num=msg.top_logprobs_num, token_ids_logprob=msg.token_ids_logprob)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
         except ValueError as e:

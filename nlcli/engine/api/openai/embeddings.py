@@ -19,6 +19,8 @@ from nlcli.engine.api.openai.serving import OpenAIServing, error_response
 
 
 class EmbeddingServing(OpenAIServing):
+    needs_tokenizer = False  # token-id inputs need none; text is refused by the encode path
+
     def __init__(self, embeddings: EmbeddingManager, tm, args):
         super().__init__(tm, args)
         self.embeddings = embeddings
