@@ -133,3 +133,15 @@ def test_text_routes_are_400(server, route, body):
     r = post(server, body, route)
     assert r.status_code == 400
     assert "--skip-tokenizer-init" in r.json()["message"] and r.json()["object"] == "error"
+
+
+def test_score_with_token_ids_needs_no_tokenizer(server, hf):
+    items, labels = [[5, 6], [7]], [3, 500]
+    r = post(server, {"query": PROMPT, "items": items, "label_token_ids": labels}, "/v1/score")
+    assert r.status_code == 200, r.text
+    for item, row in zip(items, r.json()["scores"]):
+        with torch.no_grad():
+            ref = torch.softmax(hf(torch.tensor([PROMPT + item])).logits[0, -1], -1)[labels]
+        assert torch.allclose(torch.tensor(row), ref, atol=1e-4)
+    r = post(server, {"query": "a", "items": ["b"], "label_token_ids": labels}, "/v1/score")
+    assert r.status_code == 400 and "cannot accept text prompts" in r.json()["message"]

@@ -1,5 +1,5 @@
-"""`token_ids_logprob`, `output_ids`, `logprob_start_len` edges and duplicate rids through a live
-`nl serve` on a tiny random Llama (float32), against transformers' log-softmax.
+"""`token_ids_logprob`, `output_ids`, `logprob_start_len` edges, duplicate rids and `/v1/score`
+through a live `nl serve` on a tiny random Llama (float32), against transformers' log-softmax.
 
 Shapes follow current SGLang: `input_token_ids_logprobs` has one entry per prompt position from
 logprob_start_len (the first null), `output_token_ids_logprobs` one per generated token (one for
@@ -180,3 +180,67 @@ def test_duplicate_rid_says_so(server):
         r = post(server, {**body, "stream": False})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["message"].startswith("Duplicate request ID detected: busy")
+
+
+# ---- /v1/score (SGLang's scoring API) ---------------------------------------------------------
+def _next_logprobs(hf, ids):
+    return ref_logprobs(hf, ids)[-1]
+
+
+def test_score_token_ids_against_transformers(server, hf):
+    query, items = _prompt(6, 10), [_prompt(3, 11), _prompt(5, 12)]
+    labels = [17, 2048, 33]
+    r = post(server, {"query": query, "items": items, "label_token_ids": labels,
+                      "return_token_logprobs": True}, "/v1/score")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "scoring" and body["model"] == "default"
+    assert body["pooled_hidden_states"] is None
+    assert body["usage"] == {"prompt_tokens": 6 + 3 + 6 + 5, "total_tokens": 20,
+                             "completion_tokens": 0, "prompt_tokens_details": None,
+                             "reasoning_tokens": 0, "completion_tokens_details": None}
+    for item, row, lps in zip(items, body["scores"], body["token_logprobs"]):
+        want = _next_logprobs(hf, query + item)[labels]
+        assert torch.allclose(torch.tensor(lps), want, atol=TOL)
+        assert torch.allclose(torch.tensor(row), want.exp(), atol=TOL)
+    # item_first puts the item before the query; apply_softmax normalizes over the labels only.
+    r = post(server, {"query": query, "items": items, "label_token_ids": labels,
+                      "item_first": True, "apply_softmax": True, "temperature": 0.5}, "/v1/score")
+    for item, row in zip(items, r.json()["scores"]):
+        want = torch.softmax(_next_logprobs(hf, item + query)[labels] / 0.5, -1)
+        assert torch.allclose(torch.tensor(row), want, atol=TOL)
+
+
+def test_score_text_and_per_item_labels(server, hf):
+    tok = hf[1]
+    query, items = "The capital of France is", [" Paris", " a city"]
+    labels = [[tok.encode(" is")[0], 5], [9]]
+    r = post(server, {"query": query, "items": items, "label_token_ids": labels,
+                      "model": "m"}, "/v1/score")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "m" and body["token_logprobs"] is None
+    for item, ids, row in zip(items, labels, body["scores"]):
+        want = _next_logprobs(hf, tok.encode(query + item))[ids].exp()
+        assert torch.allclose(torch.tensor(row), want, atol=TOL)
+    assert post(server, {"items": [], "label_token_ids": [1]}, "/v1/score").json()["scores"] == []
+
+
+@pytest.mark.parametrize("body,msg", [
+    ({"query": "a", "items": ["b"]}, "label_token_ids is required"),
+    ({"query": "a", "label_token_ids": [1]}, "items must be provided"),
+    ({"query": "a", "items": ["b"], "label_token_ids": []}, "label_token_ids must be a nonempty list"),
+    ({"query": "a", "items": ["b", "c"], "label_token_ids": [[1]]}, "one list per item"),
+    ({"query": "a", "items": ["b"], "label_token_ids": [[]]}, "nonempty candidate list"),
+    ({"query": "a", "items": ["b"], "label_token_ids": [-1]}, "nonnegative integers"),
+    ({"query": "a", "items": ["b"], "label_token_ids": [2, 2]}, "duplicate tokens"),
+    ({"query": "a", "items": ["b"], "label_token_ids": [10 ** 6]}, "Token ID 1000000 is out of vocab"),
+    ({"query": [1, 2], "items": ["b"], "label_token_ids": [1]}, "Invalid combination"),
+    ({"query": "a", "items": ["b"], "label_token_ids": [1], "temperature": 2.0}, "apply_softmax"),
+    ({"query": "a", "items": ["b"], "label_token_ids": [1], "score_extraction_token": "x"},
+     "score_extraction_token"),
+])
+def test_score_validation_is_400(server, body, msg):
+    r = post(server, body, "/v1/score")
+    assert r.status_code == 400 and msg in r.json()["message"], r.text
+    assert r.json()["object"] == "error"
