@@ -180,8 +180,7 @@ class TokenizerManager:
         self.check_accepting()
         for msg, _ in prepared:
             if msg.rid in self._states:
-                raise ValueError(f"Duplicate request ID detected: {msg.rid} (rid is already in "
-                                 f"use).")
+                raise ValueError(f"Duplicate request ID detected: {msg.rid} (already in use).")
         for msg, st in prepared:
             self._states[st.rid] = st
             if self.args.log_requests:
@@ -224,11 +223,7 @@ class TokenizerManager:
                 meta.update(st.logprobs.meta())
             meta.update(completion_tokens=msg.completion_tokens[i],
                         cached_tokens=msg.cached_tokens[i], e2e_latency=now - st.created)
-            # SGLang's shapes: cumulative output_ids (its default, non-incremental streaming);
-            # no "text" at all without a tokenizer (--skip-tokenizer-init).
-            out = {"output_ids": list(st.output_ids), "meta_info": meta}
-            if self.tokenizer is not None:
-                out = {"text": text, **out}
+            out = st.output(text, meta)
             if finish is not None:
                 self._on_finish(st, meta)
                 st.finish(out)
