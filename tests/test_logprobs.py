@@ -91,8 +91,9 @@ def test_start_k_entry_count_and_values(model, k):
     whole = _prompt_meta(_req(PROMPT, 0), full)["input_token_logprobs"]
     out = _prompt_meta(_req(PROMPT, k), full)
     entries = out["input_token_logprobs"]
-    assert len(PROMPT) == k + 1 + len(entries)  # the spec's invariant
-    assert entries == whole[k + 1:]
+    assert len(PROMPT) == k + len(entries)  # SGLang's invariant: positions k .. P-1
+    assert entries[0] == [None, PROMPT[k], None]  # its row is not computed, as SGLang
+    assert entries[1:] == whole[k + 1:]
     assert all(e[2] is None for e in entries)  # text only when asked for
     # Chunked prefill hands the collector the prompt's rows over several forwards: same answer.
     for chunks in ([3, 3, 2], [1] * len(PROMPT), [k, len(PROMPT) - k]):
@@ -149,11 +150,12 @@ def test_logprobs_ignore_temperature_and_penalties(model):
     ((0, -1), f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS_NUM}], got -1."),
     ((0, MAX_TOP_LOGPROBS_NUM + 1),
      f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS_NUM}], got {MAX_TOP_LOGPROBS_NUM + 1}."),
-    ((5, 0, 5), "logprob_start_len (5) must be less than the number of prompt tokens (5)."),
+    ((6, 0, 5), "logprob_start_len=6 is higher than the number of input tokens (5). Please use a "
+                "smaller logprob_start_len."),
     (("1", 0), "logprob_start_len must be an integer, got '1'."),
 ])
 def test_verify_logprob_args(args, msg):
     with pytest.raises(ValueError) as e:
         verify_logprob_args(*args)
     assert str(e.value) == msg
-    verify_logprob_args(4, MAX_TOP_LOGPROBS_NUM, 5)
+    verify_logprob_args(5, MAX_TOP_LOGPROBS_NUM, 5)  # k == P: an empty list, as SGLang

@@ -72,7 +72,8 @@ def test_generate_parser_reads_exactly_the_honoured_fields():
     body = RecordingDict({"text": "hi", "input_ids": [1, 2], "rid": "r", "stream": False,
                           "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
                           "logprob_start_len": 0, "top_logprobs_num": 1,
-                          "return_text_in_logprobs": True, "custom_logit_processor": None})
+                          "return_text_in_logprobs": True, "custom_logit_processor": None,
+                          "token_ids_logprob": None})
     assert set(body) == GENERATE.honoured, "the body must carry every honoured field"
     body.read.clear()
     parse_generate(body)

@@ -95,13 +95,10 @@ def test_prompt_logprobs_across_chunks_and_cache(server, hf):
                             "sampling_params": {"max_new_tokens": 1}})["meta_info"]
         got = meta["input_token_logprobs"]
         assert meta["cached_tokens"] <= k  # positions from k on were recomputed
-        if k == 0:
-            assert len(got) == meta["prompt_tokens"] == len(prompt)
-            assert got[0] == [None, prompt[0], None] and meta["input_top_logprobs"][0] is None
-            got, tops = got[1:], meta["input_top_logprobs"][1:]
-        else:
-            assert meta["prompt_tokens"] == k + 1 + len(got)
-            tops = meta["input_top_logprobs"]
+        # SGLang: prompt_tokens - k entries, the first (token k) with a null logprob.
+        assert len(got) == meta["prompt_tokens"] - k == len(prompt) - k
+        assert got[0] == [None, prompt[k], None] and meta["input_top_logprobs"][0] is None
+        got, tops = got[1:], meta["input_top_logprobs"][1:]
         assert [e[1] for e in got] == prompt[k + 1:]
         assert max(abs(e[0] - w) for e, w in zip(got, want[k:])) < TOL
         assert len(tops) == len(got) and all(len(t) == 2 for t in tops)
@@ -139,7 +136,7 @@ def test_streaming_logprobs_are_cumulative(server):
         meta = ev["meta_info"]
         assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
         assert len(meta["output_top_logprobs"]) == meta["completion_tokens"]
-        assert len(meta["input_token_logprobs"]) == 12 - 3 - 1
+        assert len(meta["input_token_logprobs"]) == 12 - 3
     final = events[-1]["meta_info"]
     for ev in events[:-1]:
         part = ev["meta_info"]["output_token_logprobs"]
@@ -149,7 +146,7 @@ def test_streaming_logprobs_are_cumulative(server):
 
 
 @pytest.mark.parametrize("extra,field", [
-    ({"logprob_start_len": 12}, "logprob_start_len"),
+    ({"logprob_start_len": 13}, "logprob_start_len"),  # 12 (== P) is an empty list, as SGLang
     ({"logprob_start_len": -2}, "logprob_start_len"),
     ({"top_logprobs_num": 10_000}, "top_logprobs_num"),
     ({"return_logprob": "yes"}, "return_logprob"),

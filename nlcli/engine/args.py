@@ -42,6 +42,9 @@ class ServerArgs:
         "(all-MiniLM-L6-v2 with --is-embedding).",
     )
     tokenizer_path: Optional[str] = _arg(None, "Tokenizer location. Default: the model's.")
+    skip_tokenizer_init: bool = _arg(False, "Load no tokenizer: requests send input_ids and get "
+                                     "output_ids, no text (stop strings, grammars and the chat "
+                                     "and completions routes are then refused).")
     load_format: str = _arg("auto", "Weight format.", ("auto", "safetensors", "gguf", "dummy"))
     dtype: str = _arg(
         "auto",
@@ -128,8 +131,6 @@ class ServerArgs:
     # non-default value logs a warning at start; `nl serve --help` lists them apart).
     tokenizer_mode: str = _compat("auto", "SGLang: slow tokenizer mode. nl always uses the fast "
                                   "tokenizer.", ("auto", "slow"))
-    skip_tokenizer_init: bool = _compat(False, "SGLang: serve token ids without a tokenizer. nl "
-                                        "always loads the tokenizer.")
     trust_remote_code: bool = _compat(False, "SGLang: run the checkpoint's own Python code. nl "
                                       "never runs remote code.")
     kv_cache_dtype: str = _compat("auto", "SGLang: KV cache dtype. nl keeps K/V in the model "

@@ -110,7 +110,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
         runner = _make_runner(server_args)
         runner.warmup()
         sched = Scheduler(server_args, runner, send_obj)
-        if runner.model_config.is_generation:
+        if runner.model_config.is_generation and not server_args.skip_tokenizer_init:
             _preload_tokenizer(sched, log)
     except Exception:
         log.exception("Engine failed to start")

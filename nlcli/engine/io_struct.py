@@ -21,10 +21,11 @@ class TokenizedGenerateReqInput:
     sampling_params: Any  # SamplingParams (picklable dataclass)
     stream: bool = False
     return_logprob: bool = False
-    logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k+1 .. P-1 (0: all)
+    logprob_start_len: int = -1  # -1: no prompt logprobs; k >= 0: positions k .. P-1 (first null)
     top_logprobs_num: int = 0
     custom_logit_processor: Optional[str] = None  # CustomLogitProcessor.to_str() (SGLang's format)
     token_type_ids: Optional[list[int]] = None  # segment ids of a cross-encoder's (query, doc) pair
+    token_ids_logprob: Optional[list[int]] = None
 
 
 @dataclass
@@ -72,13 +73,18 @@ class LogprobDelta:
     """Logprobs of one request that the API process has not seen yet (raw floats and ids).
 
     Output lists align with the `new_token_ids` of the same entry; the input lists come once, in
-    the spec's order (first entry `(None, first prompt id)` when logprob_start_len is 0).
+    the spec's order (first entry `(None, prompt id k)` for logprob_start_len k, as SGLang).
     """
 
     output_token_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     input_token_logprobs: Optional[list[tuple[Optional[float], int]]] = None
     input_top_logprobs: Optional[list[Optional[list[tuple[float, int]]]]] = None
+    # token_ids_logprob: per position, the listed ids' logprobs in the request's order (input:
+    # first entry None, like input_token_logprobs; output: one per output token, or one for
+    # max_new_tokens == 0)
+    output_token_ids_logprobs: Optional[list[list[float]]] = None
+    input_token_ids_logprobs: Optional[list[Optional[list[float]]]] = None
 
 
 @dataclass

@@ -112,7 +112,8 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
     from nlcli.engine.api.http_server import create_app
     from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
-    tokenizer = await asyncio.to_thread(source.load_tokenizer, args.tokenizer_path)
+    tokenizer = None if args.skip_tokenizer_init else await asyncio.to_thread(
+        source.load_tokenizer, args.tokenizer_path)
     tm = TokenizerManager(args, tokenizer, in_addr, out_addr)
     try:
         ready = await tm.wait_ready(proc.is_alive, ENGINE_START_TIMEOUT)
@@ -157,12 +158,16 @@ async def _warmup(args, server, tm, ready, state) -> None:
     url = f"http://{_client_host(args.host)}:{args.port}"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     body = {"text": WARMUP_TEXT, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
+    if args.skip_tokenizer_init:  # no tokenizer: a few ids inside any vocabulary instead
+        body = {"input_ids": list(range(min(8, ready.vocab_size or 8))),
+                "sampling_params": body["sampling_params"]}
     try:
         async with httpx.AsyncClient(timeout=600, headers=headers) as client:
             if ready.is_generation:
                 r = await client.post(url + "/generate", json=body)
             else:
-                r = await client.post(url + "/encode", json={"text": WARMUP_TEXT})
+                r = await client.post(url + "/encode", json={"text": WARMUP_TEXT} if tm.tokenizer
+                                      else {"input_ids": body["input_ids"]})
             r.raise_for_status()
     except Exception as e:
         logger.error("Warm-up request failed: %s", e)

@@ -24,6 +24,7 @@ from nlcli.engine.api.native_input import is_int_list, request_rids
 from nlcli.engine.api.prepare import check_vocab
 from nlcli.engine.api.req_state import EngineDeadError, ReqState
 from nlcli.engine.api.request_fields import ENCODE
+from nlcli.engine.api.token_only import TEXT_PROMPT
 from nlcli.engine.io_struct import BatchEmbeddingOut, TokenizedGenerateReqInput
 from nlcli.engine.limits import check_input_len
 from nlcli.engine.sampling.params import SamplingParams
@@ -85,7 +86,8 @@ def embed_items(prompts: list[Union[str, list[int]]], rids: Optional[list[Option
         text, ids = (p, None) if isinstance(p, str) else (None, list(p))
         items.append(EmbedItem(text, ids, r or uuid.uuid4().hex))
     if len({it.rid for it in items}) != len(items):
-        raise ValueError("rid entries must be distinct.")
+        raise ValueError("Duplicate request ID detected within the request; rid entries must be "
+                         "distinct.")
     return items
 
 
@@ -134,6 +136,8 @@ class EmbeddingManager:
         return self._config
 
     def tokenize(self, text: str) -> list[int]:
+        if self.tm.tokenizer is None:  # --skip-tokenizer-init
+            raise ValueError(TEXT_PROMPT)
         cfg = self.embedding_config()
         if cfg.do_lower_case:
             text = text.lower()

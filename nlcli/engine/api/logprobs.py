@@ -3,7 +3,10 @@
 The engine sends raw `(logprob, id)` deltas (io_struct.LogprobDelta); this keeps one request's
 cumulative lists, adds token text when asked (`return_text_in_logprobs`), and renders the meta_info
 keys of API_SPEC 2.1: `input_token_logprobs`, `output_token_logprobs`, `input_top_logprobs` /
-`output_top_logprobs` (when top_logprobs_num > 0) and `normalized_prompt_logprob`.
+`output_top_logprobs` (when top_logprobs_num > 0), `input_token_ids_logprobs` /
+`output_token_ids_logprobs` (when token_ids_logprob is set, SGLang's shape: per position a list of
+`[logprob, id, text]` in the asked order, None at the first input position) and
+`normalized_prompt_logprob`.
 Triples are built once per token, so a long stream costs O(tokens), not O(tokens^2).
 """
 
@@ -15,9 +18,13 @@ from nlcli.engine.io_struct import LogprobDelta
 
 
 class LogprobAccumulator:
-    def __init__(self, tokenizer: Any, top_logprobs_num: int, return_text: bool):
+    def __init__(self, tokenizer: Any, top_logprobs_num: int, return_text: bool,
+                 token_ids: Optional[Sequence[int]] = None):
         self.tokenizer = tokenizer if return_text else None
         self.top_logprobs_num = top_logprobs_num
+        self.token_ids = list(token_ids or [])
+        self.input_ids_lp: list[Optional[list[list]]] = []
+        self.output_ids_lp: list[list[list]] = []
         self.input_token: list[list] = []
         self.input_top: list[Optional[list[list]]] = []
         self.output_token: list[list] = []
@@ -52,6 +59,12 @@ class LogprobAccumulator:
                 self._triples(list(zip(delta.output_token_logprobs, new_ids))))
         if delta.output_top_logprobs:
             self.output_top.extend(self._tops(delta.output_top_logprobs))
+        if delta.input_token_ids_logprobs is not None:
+            self.input_ids_lp = self._tops([None if row is None else list(zip(row, self.token_ids))
+                                            for row in delta.input_token_ids_logprobs])
+        if delta.output_token_ids_logprobs:
+            self.output_ids_lp.extend(self._tops(
+                [list(zip(row, self.token_ids)) for row in delta.output_token_ids_logprobs]))
 
     def meta(self) -> dict:
         """Cumulative fields for meta_info (copies: a streamed event must not change later)."""
@@ -60,5 +73,8 @@ class LogprobAccumulator:
         if self.top_logprobs_num > 0:
             out["input_top_logprobs"] = list(self.input_top)
             out["output_top_logprobs"] = list(self.output_top)
+        if self.token_ids:
+            out["input_token_ids_logprobs"] = list(self.input_ids_lp)
+            out["output_token_ids_logprobs"] = list(self.output_ids_lp)
         out["normalized_prompt_logprob"] = self.normalized
         return out

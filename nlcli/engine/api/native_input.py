@@ -29,6 +29,7 @@ class GenItem:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     custom_logit_processor: Optional[str] = None  # the serialized processor (top-level field)
+    token_ids_logprob: Optional[list[int]] = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class LogprobArgs:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    token_ids_logprob: Optional[list[int]] = None
 
 
 def is_int_list(x: Any) -> bool:
@@ -120,9 +122,10 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
 
     lp = _logprob_args(body, len(prompts), n)
     processors = _processors(body.get("custom_logit_processor"), len(prompts))
+    token_ids = _token_ids_logprob(body.get("token_ids_logprob"), len(prompts), is_batch)
     items = []
     for i, (p, ip, one, r) in enumerate(zip(prompts, id_prompts, sps, rids)):
-        args = LogprobArgs(*(lp[key][i] for key in _LOGPROB_ARGS))
+        args = LogprobArgs(*(lp[key][i] for key in _LOGPROB_ARGS), token_ids[i])
         items += _samples(p, ip, one, r or uuid.uuid4().hex, n, args, processors[i])
     _check_distinct(items)
     return items, is_batch or n > 1, stream
@@ -154,7 +157,8 @@ def _samples(text: Optional[str], ids: Optional[list[int]], sampling: dict, rid:
         sub.pop("n", None)
         out.append(GenItem(text, ids, sub, rid if n == 1 else f"{rid}-{j}", lp.return_logprob,
                            lp.logprob_start_len, lp.top_logprobs_num, lp.return_text_in_logprobs,
-                           processor))
+                           custom_logit_processor=processor,
+                           token_ids_logprob=lp.token_ids_logprob))
     return out
 
 
@@ -172,8 +176,11 @@ def _processors(value: Any, num_prompts: int) -> list[Optional[str]]:
 
 def _check_distinct(items: list[GenItem]) -> None:
     # Outputs are routed by rid: a repeated one would leave a client waiting forever.
-    if len({it.rid for it in items}) != len(items):
-        raise ValueError("rid entries must be distinct.")
+    seen: set[str] = set()
+    dups = [it.rid for it in items if it.rid in seen or seen.add(it.rid)]
+    if dups:
+        raise ValueError(f"Duplicate request ID detected within the request: {dups}; rid entries "
+                         f"must be distinct.")
 
 
 def _positive_n(n: Any) -> int:
@@ -220,3 +227,23 @@ def _logprob_args(body: dict, num_prompts: int, n: int) -> dict[str, list]:
         out[key] = values
     return out
 
+
+def _token_ids_logprob(value: Any, num_prompts: int, is_batch: bool) -> list[Optional[list[int]]]:
+    """SGLang's `token_ids_logprob` as one id list (or None) per prompt: a flat list of ints is
+    shared by every prompt; a list of lists has one list per prompt of a batch."""
+    if value is None or value == []:
+        return [None] * num_prompts
+    if is_int_list(value):
+        return [list(value)] * num_prompts
+    if isinstance(value, list) and all(is_int_list(x) for x in value):
+        if not is_batch and len(value) == 1:
+            return [list(value[0]) or None]
+        if not is_batch:
+            raise ValueError("token_ids_logprob must be a flat list of integers for a single "
+                             "prompt.")
+        if len(value) != num_prompts:
+            raise ValueError(f"token_ids_logprob has {len(value)} lists but the batch has "
+                             f"{num_prompts} prompts.")
+        return [list(x) or None for x in value]
+    raise ValueError("token_ids_logprob must be a list of integers, or one such list per prompt "
+                     "of a batch.")

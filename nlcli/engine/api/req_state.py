@@ -28,6 +28,7 @@ class ReqState:
         self.detok = detok
         self.stream = stream
         self.logprobs = logprobs
+        self.output_ids: list[int] = []  # every generated id so far (SGLang's `output_ids`)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.created = time.perf_counter()
@@ -53,9 +54,16 @@ class ReqState:
     def fail(self, error: Exception) -> None:
         self.queue.put_nowait(error)
 
+    def output(self, text: str, meta: dict) -> dict:
+        """One answer in SGLang's shape: cumulative output_ids (its default, non-incremental
+        streaming), and no "text" key at all without a detokenizer (--skip-tokenizer-init)."""
+        out = {"output_ids": list(self.output_ids), "meta_info": meta}
+        return out if self.detok is None else {"text": text, **out}
+
     def add_tokens(self, ids: list[int], finish: Optional[dict]) -> str:
         """Detokenize a delta; the text to show: cut at the engine's stop string once finished,
         else held back at a possible stop-string start."""
+        self.output_ids.extend(ids)
         if self.detok is None:
             return ""
         ids = _visible_ids(ids, finish, self.detok.no_stop_trim)

@@ -79,14 +79,14 @@ GENERATE = FieldPolicy(
     "/generate",
     honoured=("rid", "text", "input_ids", "sampling_params", "stream", "return_logprob",
               "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs",
-              "custom_logit_processor"),
+              "custom_logit_processor", "token_ids_logprob"),
     unsupported={
         # identity and input
         "session_id": (), "input_embeds": (), "image_data": (), "video_data": (), "audio_data": (),
         "mm_hashes": (), "mm_content_hashes": (), "use_audio_in_video": (False,),
         "video_config": (), "watermark": (),
         # logprobs
-        "token_ids_logprob": (), "return_sampling_mask": (False,), "sampling_logprobs_mode": (),
+        "return_sampling_mask": (False,), "sampling_logprobs_mode": (),
         "return_flat_raw_top_logprobs": (False,), "return_flat_raw_output_top_logprobs": (False,),
         "return_flat_raw_top_logprobs_b64": (False,),
         # output and extras

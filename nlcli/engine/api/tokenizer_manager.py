@@ -180,7 +180,7 @@ class TokenizerManager:
         self.check_accepting()
         for msg, _ in prepared:
             if msg.rid in self._states:
-                raise ValueError(f"rid {msg.rid!r} is already in use.")
+                raise ValueError(f"Duplicate request ID detected: {msg.rid} (already in use).")
         for msg, st in prepared:
             self._states[st.rid] = st
             if self.args.log_requests:
@@ -224,7 +224,7 @@ class TokenizerManager:
                 meta.update(st.logprobs.meta())
             meta.update(completion_tokens=msg.completion_tokens[i],
                         cached_tokens=msg.cached_tokens[i], e2e_latency=now - st.created)
-            out = {"text": text, "meta_info": meta}
+            out = st.output(text, meta)
             if finish is not None:
                 self._on_finish(st, meta)
                 st.finish(out)

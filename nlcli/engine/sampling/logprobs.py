@@ -30,18 +30,19 @@ def verify_logprob_args(
         raise ValueError(
             f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS_NUM}], got {top_logprobs_num}."
         )
-    if prompt_len is not None and logprob_start_len >= prompt_len:
+    if prompt_len is not None and logprob_start_len > prompt_len:
         raise ValueError(
-            f"logprob_start_len ({logprob_start_len}) must be less than the number of prompt "
-            f"tokens ({prompt_len})."
+            f"logprob_start_len={logprob_start_len} is higher than the number of input tokens "
+            f"({prompt_len}). Please use a smaller logprob_start_len."
         )
 
 
 def input_logprob_rows(prompt_len: int, logprob_start_len: int) -> tuple[int, int]:
     """[first, last) prompt positions whose logits the input logprobs need.
 
-    -1 needs none; k >= 0 needs rows k .. P-2 (predicting tokens k+1 .. P-1). A scheduler asks the
-    runner for all logits of an extend only when this range is non-empty.
+    -1 needs none; k >= 0 needs rows k .. P-2 (predicting tokens k+1 .. P-1; the entry of token k
+    itself is reported with a null logprob, as SGLang does). A scheduler asks the runner for all
+    logits of an extend only when this range is non-empty.
     """
     if logprob_start_len < 0:
         return (prompt_len, prompt_len)
@@ -79,3 +80,12 @@ def top_logprobs_of(
     vals, ids = torch.topk(sel, min(kmax, sel.shape[-1]), dim=-1)
     vals, ids = vals.tolist(), ids.tolist()
     return [list(zip(v[:k], i[:k])) for v, i, k in zip(vals, ids, top_k)]
+
+
+def ids_logprobs(logits: torch.Tensor, token_ids: Sequence[int]) -> list[list[float]]:
+    """Log-softmax of each logits row at the given ids (`token_ids_logprob`), in their order."""
+    if logits.shape[0] == 0:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.as_tensor(list(token_ids), dtype=torch.int64, device=lp.device)
+    return lp.index_select(1, idx).tolist()

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import torch
 
 from nlcli.engine.io_struct import LogprobDelta
-from nlcli.engine.sampling.logprobs import input_logprob_rows, token_logprobs, top_logprobs_of
+from nlcli.engine.sampling.logprobs import (ids_logprobs, input_logprob_rows, token_logprobs,
+                                            top_logprobs_of)
 from nlcli.engine.sampling.sampler import SampleOutput
 from nlcli.engine.scheduler.req import Req
 
@@ -44,6 +45,9 @@ def _add_rows(req: Req, logits: torch.Tensor, start: int) -> None:
                                    req.top_logprobs_num)
         req.input_lp_acc.extend(lps)
         req.input_top_acc.extend(tops or [])
+        if req.token_ids_logprob:
+            req.input_ids_acc.extend(ids_logprobs(logits[lo - start: hi - start],
+                                                  req.token_ids_logprob))
     if end >= last:
         _finalize_input(req, first, last)
 
@@ -52,13 +56,15 @@ def _finalize_input(req: Req, first: int, last: int) -> None:
     prompt = req.origin_input_ids
     pairs: list = list(zip(req.input_lp_acc, prompt[first + 1: last + 1]))
     tops: list = list(req.input_top_acc)
-    if req.logprob_start_len == 0:
-        # The first prompt token has no context to be predicted from.
-        pairs.insert(0, (None, prompt[0]))
-        tops.insert(0, None)
+    # SGLang's alignment: P - k entries for prompt positions k .. P-1, the first with a null
+    # logprob (k == 0: no context to predict it from; k > 0: its row is not computed).
+    pairs.insert(0, (None, prompt[first]))
+    tops.insert(0, None)
     req.input_token_logprobs = pairs
     req.input_top_logprobs = tops if req.top_logprobs_num > 0 else None
-    req.input_lp_acc, req.input_top_acc = [], []
+    if req.token_ids_logprob:
+        req.input_token_ids_logprobs = [None] + req.input_ids_acc
+    req.input_lp_acc, req.input_top_acc, req.input_ids_acc = [], [], []
 
 
 def collect_output_logprobs(reqs: Sequence[Req], out: SampleOutput) -> None:
@@ -75,6 +81,19 @@ def collect_output_logprobs(reqs: Sequence[Req], out: SampleOutput) -> None:
         req.output_token_logprobs.append(chosen[i])
         if i in top_of:
             req.output_top_logprobs.append(top_of[i])
+        if req.token_ids_logprob:
+            req.output_token_ids_logprobs.append(
+                ids_logprobs(out.logprobs[i: i + 1], req.token_ids_logprob)[0])
+
+
+def collect_scoring_logprobs(reqs: Sequence[Req], logits: torch.Tensor,
+                             rows: Sequence[int]) -> None:
+    """max_new_tokens == 0 samples nothing, yet token_ids_logprob still reports the next-token
+    distribution after the prompt (one output entry, as SGLang; /v1/score reads it)."""
+    for req, row in zip(reqs, rows):
+        if req.max_new_tokens == 0 and req.token_ids_logprob:
+            req.output_token_ids_logprobs = ids_logprobs(logits[row: row + 1],
+                                                         req.token_ids_logprob)
 
 
 def logprob_delta(req: Req) -> Optional[LogprobDelta]:
@@ -84,11 +103,15 @@ def logprob_delta(req: Req) -> Optional[LogprobDelta]:
     n = req.num_sent
     delta = LogprobDelta(
         output_token_logprobs=req.output_token_logprobs[n:],
-        output_top_logprobs=req.output_top_logprobs[n:] if req.top_logprobs_num > 0 else None)
+        output_top_logprobs=req.output_top_logprobs[n:] if req.top_logprobs_num > 0 else None,
+        output_token_ids_logprobs=(req.output_token_ids_logprobs[n:] if req.token_ids_logprob
+                                   else None))
     if not req.input_logprobs_sent and (req.input_token_logprobs is not None
                                         or req.logprob_start_len < 0 or req.finished):
         delta.input_token_logprobs = list(req.input_token_logprobs or [])
         if req.top_logprobs_num > 0:
             delta.input_top_logprobs = list(req.input_top_logprobs or [])
+        if req.token_ids_logprob:
+            delta.input_token_ids_logprobs = list(req.input_token_ids_logprobs or [])
         req.input_logprobs_sent = True
     return delta

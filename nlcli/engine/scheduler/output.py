@@ -17,7 +17,8 @@ from nlcli.engine.io_struct import BatchEmbeddingOut, BatchTokenIDOut
 from nlcli.engine.scheduler.batch import sample_next_ids
 from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.grammar_queue import advance_grammars
-from nlcli.engine.scheduler.logprobs import collect_output_logprobs, logprob_delta
+from nlcli.engine.scheduler.logprobs import (collect_output_logprobs, collect_scoring_logprobs,
+                                             logprob_delta)
 from nlcli.engine.scheduler.req import Req
 
 
@@ -52,6 +53,7 @@ class OutputProcessor:
         for r in reqs:
             if r.max_new_tokens == 0:  # scoring only: the prefill was all it asked for
                 r.finished_reason = {"type": "length", "length": 0}
+        collect_scoring_logprobs(reqs, logits, rows)
         live_reqs = [r for r in reqs if r.max_new_tokens != 0]
         next_ids: list[int] = []
         if live_reqs:

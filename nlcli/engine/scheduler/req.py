@@ -23,7 +23,8 @@ class Req:
     def __init__(self, rid: str, input_ids: list[int], sampling_params: SamplingParams,
                  stream: bool = False, return_logprob: bool = False, logprob_start_len: int = -1,
                  top_logprobs_num: int = 0, custom_logit_processor: Optional[str] = None,
-                 token_type_ids: Optional[list[int]] = None):
+                 token_type_ids: Optional[list[int]] = None,
+                 token_ids_logprob: Optional[list[int]] = None):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
         self.sampling_params = sampling_params
@@ -33,8 +34,15 @@ class Req:
         self.logit_processor = None
         # logprobs (see scheduler/logprobs.py); input ones are computed once, at the first prefill
         self.return_logprob = return_logprob
-        self.logprob_start_len = logprob_start_len if return_logprob else -1
+        # k == P asks for no prompt position at all: the same as -1 (an empty list).
+        start = logprob_start_len if return_logprob else -1
+        self.logprob_start_len = -1 if start >= len(self.origin_input_ids) else start
         self.top_logprobs_num = top_logprobs_num if return_logprob else 0
+        # token_ids_logprob: those ids' logprobs at every computed position (SGLang's field)
+        self.token_ids_logprob = list(token_ids_logprob or []) if return_logprob else []
+        self.output_token_ids_logprobs: list[list[float]] = []
+        self.input_token_ids_logprobs: Optional[list] = None
+        self.input_ids_acc: list[list[float]] = []
         self.output_token_logprobs: list[float] = []
         self.output_top_logprobs: list[list[tuple[float, int]]] = []
         self.input_token_logprobs: Optional[list] = None

@@ -104,7 +104,7 @@ class Scheduler:
                   return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
                   top_logprobs_num=msg.top_logprobs_num,
                   custom_logit_processor=msg.custom_logit_processor,
-                  token_type_ids=msg.token_type_ids)
+                  token_type_ids=msg.token_type_ids, token_ids_logprob=msg.token_ids_logprob)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
             if req.custom_logit_processor:

@@ -21,6 +21,8 @@ from nlcli.engine.configs.embedding_config import check_matryoshka_dimensions, t
 
 
 class EmbeddingServing(OpenAIServing):
+    needs_tokenizer = False  # token-id inputs need none; text is refused by the encode path
+
     def __init__(self, embeddings: EmbeddingManager, tm, args):
         super().__init__(tm, args)
         self.embeddings = embeddings

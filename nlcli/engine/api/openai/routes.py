@@ -1,7 +1,7 @@
 """The OpenAI-compatible /v1 API's entry point: the route table (`register_openai_routes`, which
 http_server.py calls) and /v1/models, the one served model's card.
 
-Each route's work lives in its own module: completions.py, chat.py, embeddings.py and
+Each route's work lives in its own module: completions.py, chat.py, embeddings.py, score.py and
 responses.py (/v1/responses), on the shared plumbing of serving.py, and ../tokenize.py (/tokenize,
 /detokenize); the wire shapes (request models, logprob formats, the error envelope) are
 protocol.py's.
@@ -17,6 +17,7 @@ from nlcli.engine.api.openai.chat import ChatServing
 from nlcli.engine.api.openai.completions import CompletionServing
 from nlcli.engine.api.openai.embeddings import EmbeddingServing
 from nlcli.engine.api.openai.responses import register_responses_routes
+from nlcli.engine.api.openai.score import ScoreServing
 from nlcli.engine.api.openai.serving import error_response
 from nlcli.engine.api.tokenize import register_tokenize_routes
 
@@ -27,7 +28,7 @@ def register_openai_routes(app, tm, args, embeddings: EmbeddingManager) -> None:
     # All built before any route is added: a bad --chat-template fails here, leaving no /v1 routes.
     models = ModelCards(tm, args)
     completions, chat = CompletionServing(tm, args), ChatServing(tm, args)
-    embedding = EmbeddingServing(embeddings, tm, args)
+    embedding, score = EmbeddingServing(embeddings, tm, args), ScoreServing(tm, args)
     app.add_api_route("/v1/models", models.list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", models.get_model, methods=["GET"])
     app.add_api_route("/v1/completions", completions.handle, methods=["POST"])
@@ -35,6 +36,7 @@ def register_openai_routes(app, tm, args, embeddings: EmbeddingManager) -> None:
     app.add_api_route("/v1/embeddings", embedding.handle, methods=["POST"])
     register_tokenize_routes(app, tm, args, chat.chat)  # /tokenize, /detokenize (and /v1/...)
     register_responses_routes(app, tm, args, chat.chat)  # /v1/responses, GET /v1/responses/{id}
+    app.add_api_route("/v1/score", score.handle, methods=["POST"])
 
 
 class ModelCards:

@@ -25,6 +25,7 @@ from nlcli.engine.api.native_input import LogprobArgs, gen_items
 from nlcli.engine.api.openai.protocol import (BadRequest, error_body, finish_reason, matched_stop,
                                               parse_request, usage)
 from nlcli.engine.api.req_state import EngineDeadError
+from nlcli.engine.api.token_only import no_tokenizer_route
 
 logger = logging.getLogger("nlcli.openai")
 
@@ -59,11 +60,16 @@ class _EngineFailed(RuntimeError):
 class OpenAIServing:
     """One /v1 route: `handle` is its FastAPI endpoint, `serve` (per subclass) does the work."""
 
+    # Routes that speak text answer 400 on a --skip-tokenizer-init server.
+    needs_tokenizer = True
+
     def __init__(self, tm, args):
         self.tm, self.args = tm, args
         self.model_name = args.served_model_name or args.model_path
 
     async def handle(self, request: Request):
+        if self.needs_tokenizer and self.tm.tokenizer is None:
+            return error_response(no_tokenizer_route(request.url.path))
         try:
             return await self.serve(request)
         except BadRequest as e:
