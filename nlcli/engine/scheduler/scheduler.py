@@ -91,6 +91,7 @@ class Scheduler:
                   top_logprobs_num=msg.top_logprobs_num)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
+            req.sampling_params.verify_token_ids(self.outputs.vocab_size)
         except ValueError as e:
             return self.outputs.refuse(req, str(e))
         if req.sampling_params.stop:
