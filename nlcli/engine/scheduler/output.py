@@ -83,7 +83,8 @@ class OutputProcessor:
             r.check_stop_strings()
         keep = [r for r in reqs if not r.finished]
         self.emit(keep)
-        self.finish([r for r in reqs if r.finished and not any(r is d for d in dropped)])
+        gone = {id(r) for r in dropped}
+        self.finish([r for r in reqs if r.finished and id(r) not in gone])
         self.drop(dropped)
         return keep
 
