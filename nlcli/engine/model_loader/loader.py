@@ -17,6 +17,8 @@ import torch
 
 from nlcli.engine.configs.model_config import ModelConfig
 from nlcli.engine.configs.model_source import ModelSource
+from nlcli.engine.model_loader.weight_check import (checkpoint_shapes, extra_layers_text,
+                                                    served_num_layers)
 from nlcli.engine.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def load_model(
     else:
         if load_format not in ("auto", source.format):
             raise ValueError(f"--load-format {load_format} does not match the model's files ({source.format})")
+        check_extra_layers(source, model_config.hf_config)
         loaded = model.load_weights(with_progress(iter_weights(source, model_config.hf_config)))
         missing = sorted(set(dict(model.named_parameters())) - loaded)
         if missing:
@@ -72,6 +75,15 @@ def load_model(
         time.perf_counter() - start, weight_bytes(model) / 2**20,
     )
     return model
+
+
+def check_extra_layers(source: ModelSource, hf_config) -> None:
+    """Refuse tensors of layers past the config's, saying which (the model's own loader would
+    name one tensor it has no parameter for). Read from the safetensors headers: no data."""
+    shapes = checkpoint_shapes(source)
+    extra = extra_layers_text([n for n, _ in shapes or ()], served_num_layers(hf_config))
+    if extra:
+        raise ValueError(f"{source.model_path}: {extra}")
 
 
 def with_progress(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,8 +1,10 @@
-"""Checking an update's checkpoint before any live weight changes: the same architecture and head
-counts, float weights only, every weight present with the served model's shape (against
-transformers' own class built on the meta device), and finally the model's own `load_weights` run
-on a meta-device twin, so every name, shard and shape is checked without a second model in memory.
-Error texts follow torch's and SGLang's wording, which clients and tests match exactly.
+"""Checking an update's checkpoint before any live weight changes: the same architecture, every
+weight with the served model's shape (against transformers' own class built on the meta device;
+the first mismatch in checkpoint order is reported in torch's words, read from the safetensors
+headers before any data), no layers past the served model's, the same head counts, float weights
+only, every weight present, and finally the model's own `load_weights` run on a meta-device twin,
+so every name, shard and shape is checked without a second model in memory. Error texts follow
+torch's and SGLang's wording, which clients and tests match exactly.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+import re
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from nlcli.engine.configs.model_source import GGUF_ARCHITECTURES, ModelSource
 
 logger = logging.getLogger(__name__)
+
+# A decoder layer's tensors: `model.layers.3.mlp...` (or `layers.3...`); group 1 is the prefix.
+_LAYER = re.compile(r"^(.*?\blayers\.)(\d+)\.")
 
 # float8 checkpoints hold scales our layers do not read: refused rather than loaded wrong.
 _FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -54,12 +60,17 @@ def checkpoint_config(source: ModelSource) -> dict:
     }
 
 
-def check_architecture(info: dict, served: list[str], hf_config: Any) -> None:
-    """Same architecture, and the same head counts: these change the math without changing any
-    weight's shape, so the shape checks alone would let them through."""
+def check_architecture(info: dict, served: list[str]) -> None:
+    """The same architecture: another class names and lays out its weights differently."""
     new = list(info.get("architectures") or [])
     if new and served and not set(new) & set(served):
         raise ValueError(f"the checkpoint's architecture {new} differs from the served model's {list(served)}")
+
+
+def check_head_counts(info: dict, hf_config: Any) -> None:
+    """The same head counts: these change the math without changing any weight's shape, so the
+    shape checks alone would let them through (run it after them: a checkpoint whose shapes
+    differ is refused in torch's words, as SGLang's loader refuses it)."""
     text = getattr(hf_config, "text_config", None) or hf_config
     heads = getattr(text, "num_attention_heads", None)
     served_counts = {"num_attention_heads": heads,
@@ -73,6 +84,64 @@ def check_architecture(info: dict, served: list[str], hf_config: Any) -> None:
             raise ValueError(f"the checkpoint has {key}={theirs}, the served model {value}")
 
 
+def checkpoint_shapes(source: ModelSource) -> Optional[list[tuple[str, tuple]]]:
+    """(name, shape) of every tensor in load order, from the safetensors headers alone (no data
+    read); None for GGUF, whose shapes are known only once converted."""
+    if source.format != "safetensors":
+        return None
+    from safetensors import safe_open
+
+    out = []
+    for path in source.weight_files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            out += [(name, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+    return out
+
+
+def check_shapes(tensors: Iterable[tuple[str, Sequence[int]]], reference: dict[str, tuple],
+                 num_layers: Optional[int]) -> None:
+    """The first problem in checkpoint order, as SGLang's loader meets it: a tensor whose shape
+    differs from the served parameter's (torch's own `copy_` wording), or tensors of layers the
+    served model does not have."""
+    tensors = list(tensors)
+    extra = extra_layers_text([n for n, _ in tensors], num_layers)
+    for name, shape in tensors:
+        if extra and _layer_index(name) is not None and _layer_index(name) >= num_layers:
+            raise ValueError(extra)
+        want = reference.get(name)
+        if want is not None and tuple(shape) != want:
+            # The checkpoint's full shape (before any TP sharding): the sizes the user's files have.
+            raise ValueError(_mismatch_text(want, tuple(shape), name))
+
+
+def extra_layers_text(names: Iterable[str], num_layers: Optional[int]) -> Optional[str]:
+    """What is extra when a checkpoint holds layers past the served model's `num_layers`, e.g.
+    `the checkpoint has 3 layers, the served model 2: extra tensors model.layers.2.*`; else None."""
+    if not num_layers:
+        return None
+    extra: dict[int, str] = {}
+    for name in names:
+        m = _LAYER.match(name)
+        if m and int(m.group(2)) >= num_layers:
+            extra.setdefault(int(m.group(2)), m.group(1))
+    if not extra:
+        return None
+    idx = sorted(extra)
+    shown = ", ".join(f"{extra[i]}{i}.*" for i in idx[:4]) + (", ..." if len(idx) > 4 else "")
+    return f"the checkpoint has {idx[-1] + 1} layers, the served model {num_layers}: extra tensors {shown}"
+
+
+def served_num_layers(hf_config: Any) -> Optional[int]:
+    text = getattr(hf_config, "text_config", None) or hf_config
+    n = getattr(text, "num_hidden_layers", None)
+    return int(n) if n else None
+
+
+def _layer_index(name: str) -> Optional[int]:
+    m = _LAYER.match(name)
+    return int(m.group(2)) if m else None
+
+
 def validate_on_meta(model: torch.nn.Module, hf_config: Any, staged: list, dtype: torch.dtype) -> None:
     """Run the model's own `load_weights` on a meta-device twin built from the same config: the
     same name mapping, fusing, TP slicing and shape checks as the real load, with no memory and
@@ -84,17 +153,12 @@ def validate_on_meta(model: torch.nn.Module, hf_config: Any, staged: list, dtype
             raise ValueError(f"{name} is stored as {str(tensor.dtype).replace('torch.', '')}; "
                              "only float32, float16 and bfloat16 checkpoints can update weights")
     shapes, groups = reference_checkpoint(hf_config)
+    check_shapes(((n, t.shape) for n, t in staged), shapes, served_num_layers(hf_config))
     names = {name for name, _ in staged}
     if names & set(shapes):  # else the checkpoint names weights its own way: the twin decides
         absent = sorted(min(g) for g in groups if not g & names)
         if absent:
             raise ValueError(_lacks(absent))
-    for name, tensor in staged:
-        want = shapes.get(name)
-        if want is not None and tuple(tensor.shape) != want:
-            # Checked against the checkpoint's full shape (before any TP sharding), so the
-            # message names the sizes the user's checkpoint actually has.
-            raise ValueError(_mismatch_text(want, tuple(tensor.shape), name))
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

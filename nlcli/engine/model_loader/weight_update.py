@@ -2,8 +2,10 @@
 checkpoint of the same architecture, all or nothing.
 
 Everything that can fail happens before the live parameters are touched: resolve the path and
-confine it to `--weights-root` (weight_path.py), check the architecture, read every tensor into
-memory, and validate it all on a meta-device twin (weight_check.py). Only then are the tensors
+confine it to `--weights-root` (weight_path.py), check the architecture, the shapes (from the
+safetensors headers: a model of another size is refused in torch's words for its first mismatching
+tensor), extra layers and head counts, read every tensor into memory, and validate it all on a
+meta-device twin (weight_check.py). Only then are the tensors
 copied in place (same storage, so CUDA graphs and the KV pool stay valid). If that copy still
 fails, the original checkpoint is read back in. Messages follow SGLang's wording, which clients and
 tests match exactly.
@@ -22,8 +24,11 @@ import torch
 
 from nlcli.engine.args import ServerArgs
 from nlcli.engine.model_loader.loader import iter_weights
-from nlcli.engine.model_loader.weight_check import (check_architecture, checkpoint_config,
-                                                    error_text, validate_on_meta)
+from nlcli.engine.model_loader.weight_check import (check_architecture, check_head_counts,
+                                                    check_shapes, checkpoint_config,
+                                                    checkpoint_shapes, error_text,
+                                                    reference_checkpoint, served_num_layers,
+                                                    validate_on_meta)
 from nlcli.engine.model_loader.weight_path import resolve_weight_source
 
 if TYPE_CHECKING:
@@ -60,17 +65,33 @@ def update_weights_from_disk(
             f"(use {', '.join(LOAD_FORMATS)})."
         )
     hf_config = runner.model_config.hf_config
+    staged = None
     try:
         source = resolve_weight_source(model_path, args, load_format)
         info = checkpoint_config(source)
+        shapes = checkpoint_shapes(source)  # safetensors headers: no tensor data read yet
     except Exception as e:
         return _failed_iterator(model_path, e)
     try:
-        check_architecture(info, runner.model_config.architectures, hf_config)
+        check_architecture(info, runner.model_config.architectures)
+    except Exception as e:
+        return _failed_update(model_path, e)
+    if shapes is None:  # GGUF: shapes are known once converted
+        try:
+            staged = list(iter_weights(source, hf_config))
+        except Exception as e:
+            return _failed_iterator(model_path, e)
+        shapes = [(name, tuple(t.shape)) for name, t in staged]
+    try:
+        # Shapes first, as SGLang's loader meets them: a model of another size is refused in
+        # torch's words for its first mismatching tensor; the config's head counts only decide
+        # when every shape is equal.
+        check_shapes(shapes, reference_checkpoint(hf_config)[0], served_num_layers(hf_config))
+        check_head_counts(info, hf_config)
     except Exception as e:
         return _failed_update(model_path, e)
     try:
-        staged = list(iter_weights(source, hf_config))
+        staged = staged if staged is not None else list(iter_weights(source, hf_config))
     except Exception as e:
         return _failed_iterator(model_path, e)
     try:

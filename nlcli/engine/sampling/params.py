@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -131,6 +132,12 @@ class SamplingParams:
             )
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        # The sampler divides in float32: a temperature that overflows it would turn masked
+        # (-inf) logits into NaN.
+        if math.isinf(as_float32(self.temperature)):
+            raise ValueError(
+                f"temperature must be at most {FLOAT32_MAX:.7g} (float32), got {self.temperature}."
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k != -1 and self.top_k < 1:
@@ -141,10 +148,16 @@ class SamplingParams:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
-        # 0 would divide positive logits by zero, so the open bound the message states is enforced.
+        # 0 would divide positive logits by zero, so the open bound the message states is enforced,
+        # on the float32 value the sampler uses (1e-300 is 0.0 there).
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise ValueError(
                 f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}."
+            )
+        if as_float32(self.repetition_penalty) == 0.0:
+            raise ValueError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty} "
+                "(0.0 in float32)."
             )
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}.")
@@ -210,6 +223,17 @@ _BOOL = {"ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "
 _STR = {"regex", "ebnf"}
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def as_float32(v: float) -> float:
+    """`v` rounded to float32 as the sampler's tensors hold it (inf past FLOAT32_MAX)."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # an int too large for any float
+        return math.copysign(math.inf, v)
+
+
 def _show(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
@@ -228,7 +252,11 @@ def _as_int(name: str, v: Any) -> int:
 def _as_float(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{name} must be a number, got {_show(v)}.")
-    if not math.isfinite(v):
+    try:
+        finite = math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be a finite number, got {v}.")
     return v  # ints kept as given so messages echo the client's own value
 

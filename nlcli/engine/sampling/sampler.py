@@ -6,7 +6,8 @@ frequency/presence penalties (output), the grammar bitmask, the min_new_tokens m
 processors (custom_logit_processor.py), temperature, and top-k / top-p / min-p, and draws by
 inverse CDF. The draw for a request with a seed uses a
 uniform number hashed from (seed, number of tokens generated so far), so its sample depends only on
-its own logits, never on the rest of the batch. Logprobs are of the raw logits (the model's
+its own logits, never on the rest of the batch. A row it cannot use (NaN anywhere, or every token
+masked) gets `INVALID_TOKEN`; the other rows are unaffected. Logprobs are of the raw logits (the model's
 distribution before bias, penalties, masks and temperature).
 """
 
@@ -35,6 +36,11 @@ class TokenMask(Protocol):
     """What the sampler needs from a request's grammar matcher (see grammar.py)."""
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+
+# The id `sample` gives a row whose logits are unusable (NaN, or every token masked): the
+# scheduler fails that request alone.
+INVALID_TOKEN = -1
 
 
 @dataclass
@@ -189,17 +195,28 @@ class SamplingBatchInfo:
             if self.custom_groups is not None:  # after penalties and masks, before temperature
                 failed = apply_processors(work, self.custom_groups, self.custom_params)
 
+        # A row is usable when its largest logit is not NaN and not -inf (every token masked);
+        # one reduction finds both. Unusable rows get INVALID_TOKEN and never reach the draw.
+        usable = work.amax(dim=-1) > float("-inf")
         if self.all_greedy:
             next_ids = torch.argmax(work, dim=-1)
         else:
-            next_ids = self._draw(work)
+            next_ids = self._draw(self._scaled(work, usable))
+        next_ids = torch.where(usable, next_ids, INVALID_TOKEN)
 
         if not return_logprobs:
             return SampleOutput(next_ids, failed_rows=failed or None)
         lse = torch.logsumexp(raw, dim=-1, keepdim=True)
         full = raw - lse
-        return SampleOutput(next_ids, full.gather(1, next_ids[:, None]).squeeze(1), full,
-                            failed or None)
+        chosen = full.gather(1, next_ids.clamp(min=0)[:, None]).squeeze(1)
+        return SampleOutput(next_ids, chosen, full, failed or None)
+
+    def _scaled(self, logits: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+        """logits / temperature, safe for softmax: +inf (a tiny repetition penalty or temperature
+        overflowed float32) becomes the largest float, still the likeliest token; unusable rows
+        become zeros so the draw stays in range (their ids are discarded)."""
+        scaled = (logits / self.temperatures).clamp_(max=torch.finfo(torch.float32).max)
+        return torch.where(usable[:, None], scaled, 0.0)
 
     def _changes_logits(self) -> bool:
         return any(
@@ -220,16 +237,17 @@ class SamplingBatchInfo:
             dead = torch.isneginf(masked).all(dim=-1, keepdim=True)
             logits[self.min_rows] = torch.where(dead, sub, masked)
 
-    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits / self.temperatures, dim=-1)
-        u = torch.rand(logits.shape[0], device=logits.device)
+    def _draw(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Token ids drawn from logits already divided by the temperature."""
+        probs = torch.softmax(scaled, dim=-1)
+        u = torch.rand(scaled.shape[0], device=scaled.device)
         if self.seeded_rows is not None:
             u[self.seeded_rows] = self.seeded_u
         if self.free_rows is None:
             return draw_truncated(probs, self.top_ks, self.top_ps, self.min_ps, u)
         if self.cut_rows is None:
             return draw_unsorted(probs, self.min_ps, u)
-        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        out = torch.empty(scaled.shape[0], dtype=torch.int64, device=scaled.device)
         c, f = self.cut_rows, self.free_rows
         out[c] = draw_truncated(probs[c], self.top_ks[c], self.top_ps[c], self.min_ps[c], u[c])
         out[f] = draw_unsorted(probs[f], self.min_ps[f], u[f])

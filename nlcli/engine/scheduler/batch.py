@@ -3,7 +3,8 @@
 `prepare_extend` gives each request a req_to_token row and KV slots for its `fill_ids[prefix_len:]`
 and writes them into `req_to_token[row, prefix_len:seq_len]`; `prepare_decode` adds one slot per
 running request. `sample_next_ids` runs the batched sampler over logits that are already exactly
-`[bs, vocab_size]` (the logits processor is the one place that slices to the vocabulary).
+`[bs, vocab_size]` (the logits processor is the one place that slices to the vocabulary);
+`sample_each` falls back to one request at a time when the batched pass raises.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Optional
 import torch
 
 from nlcli.engine.forward_batch import ForwardBatch
-from nlcli.engine.sampling.sampler import CustomProcessorRow, SampleOutput, SamplingBatchInfo
+from nlcli.engine.sampling.sampler import (INVALID_TOKEN, CustomProcessorRow, SampleOutput,
+                                           SamplingBatchInfo)
 from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.req import Req
 
@@ -83,13 +85,44 @@ def sample_next_ids(logits: torch.Tensor, reqs: list[Req], vocab_size: int,
     """Next token per request through the batched sampler (penalties, grammar masks, top-k/p,
     min_p, seeds), with raw logprobs when any request asked for them. `logits` is
     `[len(reqs), vocab_size]`, row i for reqs[i]."""
+    return _sample(logits, reqs, vocab_size, eos_token_ids, any(r.return_logprob for r in reqs))
+
+
+def sample_each(logits: torch.Tensor, reqs: list[Req], vocab_size: int,
+                eos_token_ids=()) -> tuple[SampleOutput, dict[int, str]]:
+    """`sample_next_ids`, and should the batched pass raise, each request alone, so that one
+    request's failure stays its own. Returns the output (`INVALID_TOKEN` in the rows that raised)
+    and {row: why} for those rows."""
+    try:
+        return sample_next_ids(logits, reqs, vocab_size, eos_token_ids), {}
+    except Exception:  # noqa: BLE001 - which request caused it is found below
+        pass
+    want_logprobs = any(r.return_logprob for r in reqs)
+    parts, errors = [], {}
+    for i, r in enumerate(reqs):
+        try:
+            parts.append(_sample(logits[i: i + 1], [r], vocab_size, eos_token_ids, want_logprobs))
+        except Exception as e:  # noqa: BLE001 - reported to that request's client
+            errors[i] = f"{type(e).__name__}: {e}"
+            parts.append(_failed_row(logits, want_logprobs))
+    ids = torch.cat([p.next_token_ids for p in parts])
+    # A client's logit processor that raised in its own row still ends only its request (400).
+    rejected = {i: msg for i, p in enumerate(parts) for msg in (p.failed_rows or {}).values()}
+    if not want_logprobs:
+        return SampleOutput(ids, failed_rows=rejected or None), errors
+    return SampleOutput(ids, torch.cat([p.next_token_logprobs for p in parts]),
+                        torch.cat([p.logprobs for p in parts]), rejected or None), errors
+
+
+def _sample(logits: torch.Tensor, reqs: list[Req], vocab_size: int, eos_token_ids,
+            return_logprobs: bool) -> SampleOutput:
     if logits.shape[-1] != vocab_size:  # a host-side shape check: no device sync
         raise ValueError(f"logits have {logits.shape[-1]} columns, the vocabulary {vocab_size}")
     info = SamplingBatchInfo.from_reqs(
         [(r.sampling_params, r.output_ids, r.origin_input_ids) for r in reqs],
         vocab_size, logits.device, eos_token_ids=list(eos_token_ids),
         grammars=[r.grammar for r in reqs], processors=[_processor_row(r) for r in reqs])
-    return info.sample(logits, return_logprobs=any(r.return_logprob for r in reqs))
+    return info.sample(logits, return_logprobs=return_logprobs)
 
 
 def _processor_row(req: Req) -> Optional[CustomProcessorRow]:
@@ -101,3 +134,11 @@ def _processor_row(req: Req) -> Optional[CustomProcessorRow]:
     if isinstance(params, dict):
         params = {**params, "__req__": weakref.proxy(req)}
     return req.custom_logit_processor, req.logit_processor, params
+
+
+def _failed_row(logits: torch.Tensor, with_logprobs: bool) -> SampleOutput:
+    ids = torch.full((1,), INVALID_TOKEN, dtype=torch.int64, device=logits.device)
+    if not with_logprobs:
+        return SampleOutput(ids)
+    nan = torch.full((1, logits.shape[-1]), float("nan"), device=logits.device)
+    return SampleOutput(ids, nan[:, 0], nan)

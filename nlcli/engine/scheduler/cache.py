@@ -129,6 +129,18 @@ class KVMemory:
         req.kv_len = 0
         req.fill_ids = []
 
+    def discard(self, req: Req) -> None:
+        """Give back everything `req` holds without caching what it computed (a request that
+        failed on its own: its K/V may be garbage). Its locked prefix stays in the tree."""
+        if req.req_pool_idx is not None:
+            # Without a tree, a chunked request's "prefix" is its own earlier chunks.
+            own_from = 0 if self.tree.disable else req.prefix_len
+            row = req.req_pool_idx
+            self.allocator.free(self.req_to_token[row, own_from: req.kv_len].to("cpu", torch.int64))
+            self.req_to_token_pool.free([row])
+        self.unlock_prefix(req)
+        req.req_pool_idx, req.kv_len, req.fill_ids = None, 0, []
+
     def cache_chunk(self, req: Req) -> None:
         """After a non-final prefill chunk: put the chunk in the tree and lock it as the prefix."""
         row = req.req_pool_idx

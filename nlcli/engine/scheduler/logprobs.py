@@ -67,23 +67,27 @@ def _finalize_input(req: Req, first: int, last: int) -> None:
     req.input_lp_acc, req.input_top_acc, req.input_ids_acc = [], [], []
 
 
-def collect_output_logprobs(reqs: Sequence[Req], out: SampleOutput) -> None:
-    """After a sampling step (run with return_logprobs): one entry per request that asked."""
-    want = [i for i, r in enumerate(reqs) if r.return_logprob]
+def collect_output_logprobs(reqs: Sequence[Req], out: SampleOutput,
+                            rows: Optional[Sequence[int]] = None) -> None:
+    """After a sampling step (run with return_logprobs): one entry per request that asked.
+    `rows[j]` is reqs[j]'s row of `out` (default j)."""
+    rows = list(range(len(reqs))) if rows is None else list(rows)
+    want = [j for j, r in enumerate(reqs) if r.return_logprob]
     if not want:
         return
     chosen = out.next_token_logprobs.tolist()
-    top_rows = [i for i in want if reqs[i].top_logprobs_num > 0]
-    tops = top_logprobs_of(out.logprobs, top_rows, [reqs[i].top_logprobs_num for i in top_rows])
-    top_of = dict(zip(top_rows, tops))
-    for i in want:
-        req = reqs[i]
-        req.output_token_logprobs.append(chosen[i])
-        if i in top_of:
-            req.output_top_logprobs.append(top_of[i])
+    top_js = [j for j in want if reqs[j].top_logprobs_num > 0]
+    tops = top_logprobs_of(out.logprobs, [rows[j] for j in top_js],
+                           [reqs[j].top_logprobs_num for j in top_js])
+    top_of = dict(zip(top_js, tops))
+    for j in want:
+        req = reqs[j]
+        req.output_token_logprobs.append(chosen[rows[j]])
+        if j in top_of:
+            req.output_top_logprobs.append(top_of[j])
         if req.token_ids_logprob:
             req.output_token_ids_logprobs.append(
-                ids_logprobs(out.logprobs[i: i + 1], req.token_ids_logprob)[0])
+                ids_logprobs(out.logprobs[rows[j]: rows[j] + 1], req.token_ids_logprob)[0])
 
 
 def collect_scoring_logprobs(reqs: Sequence[Req], logits: torch.Tensor,

@@ -3,23 +3,29 @@
 After a forward it appends each request's sampled token and runs the finish checks in order
 (length and EOS, then the grammar, then stop strings), gathers output logprobs, and emits
 `BatchTokenIDOut` deltas (every `stream_interval` tokens for streams, once at the end otherwise).
+A request whose sampling fails (the sampler raised for it, its logits were unusable, or its id is
+outside the vocabulary) is failed alone with a 500; the rest of the batch goes on.
 Finishing a request releases its KV memory and forgets it. Embedding rows leave as
 `BatchEmbeddingOut` through the same object.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 
 from nlcli.engine.io_struct import BatchEmbeddingOut, BatchTokenIDOut
-from nlcli.engine.scheduler.batch import sample_next_ids
+from nlcli.engine.sampling.sampler import INVALID_TOKEN
+from nlcli.engine.scheduler.batch import sample_each
 from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.grammar_queue import advance_grammars
 from nlcli.engine.scheduler.logprobs import (collect_output_logprobs, collect_scoring_logprobs,
                                              logprob_delta)
 from nlcli.engine.scheduler.req import Req
+
+logger = logging.getLogger("nlcli.scheduler")
 
 
 class OutputProcessor:
@@ -56,28 +62,54 @@ class OutputProcessor:
         collect_scoring_logprobs(reqs, logits, rows)
         live_reqs = [r for r in reqs if r.max_new_tokens != 0]
         next_ids: list[int] = []
+        failed: dict[int, str] = {}  # the engine's fault or bad logits: a 500, KV discarded
+        rejected: dict[int, str] = {}  # a client's logit processor raised: a 400
         if live_reqs:
             # One row gather, and only when some rows are not sampled (chunks, scoring).
             picked = logits if live == list(range(logits.shape[0])) else logits[live]
-            sampled = sample_next_ids(picked, live_reqs, self.vocab_size, self.eos_ids)
+            sampled, errors = sample_each(picked, live_reqs, self.vocab_size, self.eos_ids)
             next_ids = sampled.next_token_ids.tolist()
+            rejected = sampled.failed_rows or {}
+            failed = {i: why for i, why in self._sampling_failures(next_ids, errors).items()
+                      if i not in rejected}
             if sampled.next_token_logprobs is not None:
-                collect_output_logprobs(live_reqs, sampled)
-            if sampled.failed_rows:  # a client's logit processor raised: end only its requests
-                for i, message in sampled.failed_rows.items():
-                    live_reqs[i].finish_abort(message, status_code=400)
-                kept = [i for i in range(len(live_reqs)) if i not in sampled.failed_rows]
-                live_reqs, next_ids = [live_reqs[i] for i in kept], [next_ids[i] for i in kept]
-        for r, tok in zip(live_reqs, next_ids):
+                good = [i for i in range(len(live_reqs)) if i not in failed and i not in rejected]
+                collect_output_logprobs([live_reqs[i] for i in good], sampled, good)
+        for i, message in rejected.items():
+            live_reqs[i].finish_abort(message, status_code=400)
+        for i, why in failed.items():
+            logger.error("Sampling failed for request %s: %s", live_reqs[i].rid, why)
+            live_reqs[i].finish_abort(f"Sampling failed for this request: {why}", status_code=500)
+        dropped = [live_reqs[i] for i in failed]
+        ok = [(r, t) for i, (r, t) in enumerate(zip(live_reqs, next_ids))
+              if i not in failed and i not in rejected]
+        for r, tok in ok:
             r.output_ids.append(tok)
             r.check_finished(self.eos_ids, self.context_len)
-        advance_grammars(live_reqs, next_ids)
-        for r in live_reqs:
+        advance_grammars([r for r, _ in ok], [t for _, t in ok])
+        for r, _ in ok:
             r.check_stop_strings()
         keep = [r for r in reqs if not r.finished]
         self.emit(keep)
-        self.finish([r for r in reqs if r.finished])
+        gone = {id(r) for r in dropped}
+        self.finish([r for r in reqs if r.finished and id(r) not in gone])
+        self.drop(dropped)
         return keep
+
+    def _sampling_failures(self, next_ids: list[int], errors: dict[int, str]) -> dict[int, str]:
+        """{row: why} for rows whose sampling raised, whose logits were unusable, or whose id is
+        outside the vocabulary (appending it would make the next forward raise for everyone)."""
+        failed = dict(errors)
+        for i, tok in enumerate(next_ids):
+            if i in failed:
+                continue
+            if tok == INVALID_TOKEN:
+                failed[i] = ("its logits are not finite (NaN, or every token masked) after "
+                             "bias, penalties and grammar masks.")
+            elif not 0 <= tok < self.vocab_size:
+                failed[i] = (f"the sampled token id {tok} is outside the vocabulary "
+                             f"(size {self.vocab_size}).")
+        return failed
 
     def emit(self, reqs: list[Req]) -> None:
         """Send what each request has not sent yet, when it is due."""
@@ -124,6 +156,14 @@ class OutputProcessor:
         for r in reqs:
             r.finish_abort(message, status_code=status_code)
             r.req_pool_idx, r.kv_len, r.fill_ids = None, 0, []
+            self._live.pop(r.rid, None)
+        self.emit(reqs)
+
+    def drop(self, reqs: list[Req]) -> None:
+        """Finish requests that failed on their own: free their memory without caching what they
+        computed (a NaN row may mean their K/V are garbage), forget them, send their last output."""
+        for r in reqs:
+            self.mem.discard(r)
             self._live.pop(r.rid, None)
         self.emit(reqs)
 

@@ -107,6 +107,7 @@ class Scheduler:
                   token_type_ids=msg.token_type_ids, token_ids_logprob=msg.token_ids_logprob)
         try:  # the API process rejects these with a 400; this guards direct callers
             check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
+            req.sampling_params.verify_token_ids(self.outputs.vocab_size)
             if req.custom_logit_processor:
                 req.logit_processor = load_processor(req.custom_logit_processor,
                                                      self.args.enable_custom_logit_processor)
