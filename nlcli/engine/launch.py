@@ -62,8 +62,12 @@ def _embedding_only(source) -> bool:
 
 
 def launch_server(args) -> int:
-    args = args.with_seed()
     configure_logging(args.log_level, "")
+    try:
+        args = args.with_seed().with_secrets()
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
     from nlcli.engine.configs.model_source import resolve_model_source
 
     try:
@@ -139,7 +143,8 @@ async def _warmup(args, server, tm, ready, state) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
     url = f"http://{_client_host(args.host)}:{args.port}"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    key = args.api_key or args.admin_api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"text": WARMUP_TEXT, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
     try:
         async with httpx.AsyncClient(timeout=600, headers=headers) as client:
