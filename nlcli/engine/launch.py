@@ -1,9 +1,15 @@
 """launch_server: start the engine process and the HTTP server, warm up, serve, shut down cleanly.
 
-Exit codes: 0 after a signal-initiated shutdown, 1 when the engine fails to start, dies, or the
-warm-up generation fails. On SIGTERM/Ctrl-C the server goes unready (/health 503), refuses new
-work, lets in-flight requests finish for up to --shutdown-timeout seconds, aborts the rest, then
-stops the engine; a second signal exits at once. No child process outlives it.
+Shutdown on SIGTERM/Ctrl-C: the server goes unready (/health 503) and answers new work with 503
+while the listener stays open; in-flight requests get up to --shutdown-timeout seconds to finish.
+Those still running then are aborted through their normal output path (a stream's last event has
+finish_reason `abort` with a message, then `[DONE]`; a non-streaming request gets a 503 in its
+route's error envelope), and only then is uvicorn told to exit and the engine stopped and reaped.
+A second signal skips the wait: everything in flight is aborted at once.
+
+Exit codes: 0 after a signal when every request finished in time; EXIT_ABORTED (3) after a
+signal when some had to be aborted; 1 when the engine fails to start, dies, or the warm-up
+generation fails.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 
 import uvicorn
 
@@ -24,6 +31,12 @@ logger = logging.getLogger("nlcli.launch")
 
 ENGINE_START_TIMEOUT = 1800.0
 WARMUP_TEXT = "The capital city of France is"
+# `nl serve` exit code after a signal when requests still running at the deadline were aborted.
+EXIT_ABORTED = 3
+SHUTDOWN_MESSAGE = "The server is shutting down."
+# Seconds the engine gets to answer the shutdown aborts, then uvicorn to write the last responses.
+ABORT_GRACE = 5.0
+FLUSH_TIMEOUT = 10.0
 
 _serving = {"started": False}
 
@@ -41,15 +54,48 @@ def _install_signal_handlers() -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server that marks the tokenizer manager as draining on the first signal."""
+    """uvicorn.Server whose signals start nl's drain (_drain_on_signal) instead of stopping
+    uvicorn: the listener stays open so new requests get a clear 503, not a refused connection."""
 
-    tm = None
+    def __init__(self, config, tm, shutdown_timeout: float):
+        super().__init__(config)
+        self.tm, self.shutdown_timeout, self.signals = tm, shutdown_timeout, 0
 
     def handle_exit(self, sig, frame):
-        if self.tm is not None and self.tm.start_draining():
-            logger.info("Shutting down: draining in-flight requests (up to %.0f s)",
-                        self.config.timeout_graceful_shutdown or 0)
-        super().handle_exit(sig, frame)
+        self.signals += 1
+        if self.signals == 1:
+            self.tm.start_draining()
+            logger.info("Shutting down: draining in-flight requests (up to %.0f s; signal again "
+                        "to abort them now)", self.shutdown_timeout)
+        elif self.signals == 2:
+            logger.warning("Second signal: aborting every request in flight and exiting now")
+        if self.signals > 1 and self.should_exit:
+            self.force_exit = True  # already flushing the last responses: stop waiting
+
+
+async def _drain_on_signal(server: _Server, tm, state: dict) -> None:
+    """After the first signal: wait for in-flight requests up to the shutdown timeout (a second
+    signal ends the wait), abort the rest through their normal path, then let uvicorn exit."""
+    while not server.signals:
+        if server.should_exit:  # the engine died or the warm-up failed
+            return
+        await asyncio.sleep(0.05)
+    deadline = time.monotonic() + server.shutdown_timeout
+    while tm.in_flight() and time.monotonic() < deadline and server.signals < 2:
+        await asyncio.sleep(0.05)
+    left = tm.abort_in_flight(SHUTDOWN_MESSAGE, 503)
+    if left:
+        logger.warning("Shutdown: aborting %d request(s) still in flight", left)
+        if state["exit_code"] == 0:
+            state["exit_code"] = EXIT_ABORTED
+        deadline = time.monotonic() + ABORT_GRACE
+        while tm.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if tm.in_flight():
+            logger.warning("The engine did not answer the aborts in %.0f s; failing them here",
+                           ABORT_GRACE)
+            tm.fail_in_flight(SHUTDOWN_MESSAGE)
+    server.should_exit = True  # uvicorn now waits for the final responses to be written
 
 
 def _embedding_only(source) -> bool:
@@ -116,11 +162,11 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
         return 1
     model_info = {"model_path": args.model_path, "is_generation": ready.is_generation}
     app = create_app(args, tm, model_info)
+    # By the time uvicorn is told to exit, nl has ended every request; uvicorn only flushes.
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                             log_level=args.log_level_http or "warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = _Server(config)
-    server.tm = tm
+                            timeout_graceful_shutdown=FLUSH_TIMEOUT)
+    server = _Server(config, tm, args.shutdown_timeout)
     _serving["started"] = True
     state = {"exit_code": 0}
 
@@ -130,10 +176,12 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
 
     tm.start(proc.is_alive, on_dead)
     warm = asyncio.create_task(_warmup(args, server, tm, ready, state))
+    drain = asyncio.create_task(_drain_on_signal(server, tm, state))
     await server.serve()
     warm.cancel()
-    # Whatever is still in flight after the graceful window is aborted with a reason.
-    tm.shutdown("The server is shutting down.")
+    drain.cancel()
+    tm.shutdown(SHUTDOWN_MESSAGE)  # nothing is left in flight unless the engine died
+    await asyncio.sleep(0.05)  # let the ShutdownReq leave before the loop closes
     return state["exit_code"]
 
 
@@ -154,6 +202,8 @@ async def _warmup(args, server, tm, ready, state) -> None:
                 r = await client.post(url + "/encode", json={"text": WARMUP_TEXT})
             r.raise_for_status()
     except Exception as e:
+        if server.signals:  # shutting down before the warm-up finished: nothing failed
+            return
         logger.error("Warm-up request failed: %s", e)
         state["exit_code"] = 1
         server.should_exit = True

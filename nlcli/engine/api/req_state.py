@@ -32,6 +32,9 @@ class ReqState:
         self.finished = False
         self.created = time.perf_counter()
         self.first_token_time: Optional[float] = None
+        # Set by TokenizerManager.abort_in_flight (shutdown): the finish_reason the engine's abort
+        # is reported with, so the route answers it as that status (a 503) rather than a 200.
+        self.abort_reason: Optional[dict] = None
 
     def finish(self, out: dict) -> None:
         """Hand the final output to the waiter."""

@@ -105,6 +105,8 @@ class OpenAIServing:
         rejected = outs and engine_rejection(outs)
         if rejected:
             message, status = rejected
+            if status == 503:  # the server is shutting down
+                raise EngineDeadError(message)
             if status >= 500:  # a failed engine step
                 raise _EngineFailed(message)
             raise BadRequest(message)  # the engine refusing a request (e.g. a bad grammar)
