@@ -95,7 +95,9 @@ class ServerArgs:
     stream_interval: int = _arg(1, "Decode steps between stream events.")
     random_seed: Optional[int] = _arg(None, "Global seed (random if unset).")
     disable_radix_cache: bool = _arg(False, "Turn off prefix caching.")
-    watchdog_timeout: float = _arg(300.0, "Kill the engine if one step takes longer (seconds).")
+    watchdog_timeout: float = _arg(300.0, "A step longer than this (seconds) dumps every thread's "
+                                   "stack to the log and turns /health 503; twice this kills the "
+                                   "engine.")
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 

@@ -15,13 +15,14 @@ generation fails.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import multiprocessing as mp
 import shutil
 import signal
 import sys
 import tempfile
-import time
+from typing import Optional
 
 import uvicorn
 
@@ -33,9 +34,7 @@ ENGINE_START_TIMEOUT = 1800.0
 WARMUP_TEXT = "The capital city of France is"
 # `nl serve` exit code after a signal when requests still running at the deadline were aborted.
 EXIT_ABORTED = 3
-SHUTDOWN_MESSAGE = "The server is shutting down."
-# Seconds the engine gets to answer the shutdown aborts, then uvicorn to write the last responses.
-ABORT_GRACE = 5.0
+# Seconds uvicorn gets to write the last responses once nl has ended every request.
 FLUSH_TIMEOUT = 10.0
 
 _serving = {"started": False}
@@ -74,28 +73,17 @@ class _Server(uvicorn.Server):
 
 
 async def _drain_on_signal(server: _Server, tm, state: dict) -> None:
-    """After the first signal: wait for in-flight requests up to the shutdown timeout (a second
-    signal ends the wait), abort the rest through their normal path, then let uvicorn exit."""
+    """After the first signal: drain and abort (api/shutdown.py; a second signal hurries it),
+    then let uvicorn exit, which now only writes the last responses."""
+    from nlcli.engine.api.shutdown import drain
+
     while not server.signals:
         if server.should_exit:  # the engine died or the warm-up failed
             return
         await asyncio.sleep(0.05)
-    deadline = time.monotonic() + server.shutdown_timeout
-    while tm.in_flight() and time.monotonic() < deadline and server.signals < 2:
-        await asyncio.sleep(0.05)
-    left = tm.abort_in_flight(SHUTDOWN_MESSAGE, 503)
-    if left:
-        logger.warning("Shutdown: aborting %d request(s) still in flight", left)
-        if state["exit_code"] == 0:
-            state["exit_code"] = EXIT_ABORTED
-        deadline = time.monotonic() + ABORT_GRACE
-        while tm.in_flight() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if tm.in_flight():
-            logger.warning("The engine did not answer the aborts in %.0f s; failing them here",
-                           ABORT_GRACE)
-            tm.fail_in_flight(SHUTDOWN_MESSAGE)
-    server.should_exit = True  # uvicorn now waits for the final responses to be written
+    if await drain(tm, server.shutdown_timeout, lambda: server.signals > 1) and not state["exit_code"]:
+        state["exit_code"] = EXIT_ABORTED
+    server.should_exit = True
 
 
 def _embedding_only(source) -> bool:
@@ -131,9 +119,10 @@ def launch_server(args) -> int:
     logger.info("server_args=%r", args)
     for flag in args.ignored_flags():
         logger.warning("%s is accepted for SGLang compatibility only and has no effect in nl.", flag)
-    if args.host in ("0.0.0.0", "::") and not args.api_key:
-        logger.warning("Listening on all interfaces without --api-key: anyone on the network can "
-                       "use this server.")
+    warning = exposure_warning(args)
+    if warning:  # loud on purpose, but serving on 0.0.0.0 without a key must keep working
+        for line in ("!" * 78, "WARNING: " + warning, "!" * 78):
+            logger.warning("%s", line)
     ipc_dir = tempfile.mkdtemp(prefix="nl-ipc-")
     in_addr, out_addr = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
     proc = mp.get_context("spawn").Process(target=run_engine, args=(args, in_addr, out_addr),
@@ -180,7 +169,7 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
     await server.serve()
     warm.cancel()
     drain.cancel()
-    tm.shutdown(SHUTDOWN_MESSAGE)  # nothing is left in flight unless the engine died
+    tm.shutdown("The server is shutting down.")  # nothing is left unless the engine died
     await asyncio.sleep(0.05)  # let the ShutdownReq leave before the loop closes
     return state["exit_code"]
 
@@ -210,6 +199,27 @@ async def _warmup(args, server, tm, ready, state) -> None:
         return
     logger.info("The server is fired up and ready to roll!")
     _print_panel(url, args, ready)
+
+
+def exposure_warning(args) -> Optional[str]:
+    """What to warn about a server that others can reach without a user API key (None when it
+    binds a loopback address or has one). Host names other than localhost count as reachable."""
+    if args.api_key or _is_loopback(args.host):
+        return None
+    what = ("only the admin routes need a key (--admin-api-key)" if args.admin_api_key else
+            "they can also update weights, flush the cache and abort requests")
+    return (f"listening on {args.host} without --api-key: anyone who can reach port {args.port} "
+            f"can generate and read the server info; {what}. Set --api-key (or NL_API_KEY, "
+            "--api-key-file), or bind 127.0.0.1.")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client_host(host: str) -> str:

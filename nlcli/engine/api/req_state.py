@@ -32,8 +32,8 @@ class ReqState:
         self.finished = False
         self.created = time.perf_counter()
         self.first_token_time: Optional[float] = None
-        # Set by TokenizerManager.abort_in_flight (shutdown): the finish_reason the engine's abort
-        # is reported with, so the route answers it as that status (a 503) rather than a 200.
+        # Set by shutdown.abort_in_flight: the finish_reason the engine's abort is reported with,
+        # so the route answers it with that status (a 503) rather than a 200.
         self.abort_reason: Optional[dict] = None
 
     def finish(self, out: dict) -> None:
@@ -42,6 +42,21 @@ class ReqState:
         self.queue.put_nowait(out)
 
     def fail(self, error: Exception) -> None:
+        self.queue.put_nowait(error)
+
+    def abort_with(self, message: str, status_code: int) -> None:
+        """Report the engine's coming abort of this request as `message` with `status_code`."""
+        self.abort_reason = {"type": "abort", "message": message, "status_code": status_code}
+
+    def reported_finish(self, finish: Optional[dict]) -> Optional[dict]:
+        """The engine's finish_reason as the client sees it (abort_with's, for an abort)."""
+        if self.abort_reason is not None and finish is not None and finish.get("type") == "abort":
+            return self.abort_reason
+        return finish
+
+    def end_now(self, error: Exception) -> None:
+        """Finish with `error` without waiting for the engine (it did not answer an abort)."""
+        self.finished = True
         self.queue.put_nowait(error)
 
     def add_tokens(self, ids: list[int], finish: Optional[dict]) -> str:

@@ -126,24 +126,9 @@ class TokenizerManager:
             self.flush_future.set_exception(EngineDeadError(reason))
 
     def is_healthy(self) -> bool:
-        stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 10.0)
+        # Beats come about once a second between steps: longer silence is one slow (hung?) step.
+        stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 2.0)
         return self.dead is None and not self.draining and not stale
-
-    def abort_in_flight(self, message: str, status_code: int) -> int:
-        """Shutdown: have the engine end every unfinished request; each waiter then gets its final
-        output as usual, with finish_reason {"type": "abort", message, status_code}."""
-        left = self.in_flight()
-        for st in left:
-            st.abort_reason = {"type": "abort", "message": message, "status_code": status_code}
-            self.send(AbortReq(rid=st.rid, message=message))
-        return len(left)
-
-    def fail_in_flight(self, message: str) -> None:
-        """End every unfinished request at once with EngineDeadError(message) (a 503), for when
-        the engine did not answer abort_in_flight."""
-        for st in self.in_flight():
-            st.finished = True
-            st.fail(EngineDeadError(message))
 
     def shutdown(self, message: str) -> None:
         """Abort whatever is still in flight, then ask the engine to stop."""
@@ -228,9 +213,7 @@ class TokenizerManager:
             st = self._states.get(rid)
             if st is None or st.finished:
                 continue
-            finish = msg.finished_reasons[i]
-            if st.abort_reason is not None and finish is not None and finish.get("type") == "abort":
-                finish = st.abort_reason
+            finish = st.reported_finish(msg.finished_reasons[i])
             text = st.add_tokens(msg.new_token_ids[i], finish)
             if st.first_token_time is None and msg.completion_tokens[i]:
                 st.first_token_time = now
