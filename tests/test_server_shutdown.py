@@ -3,7 +3,6 @@ left through the normal output path (a final abort event and [DONE], or a 503 in
 envelope), reap the engine, and say in the exit code whether anything had to be aborted."""
 
 import asyncio
-import os
 import signal
 import time
 
@@ -156,6 +155,5 @@ def test_second_signal_exits_at_once(tmp_path):
         assert events[-1] == "[DONE]" and events[-2]["meta_info"]["finish_reason"]["type"] == "abort"
         _gone(srv, children)
         _clean_log(srv)
-        assert os.path.exists(srv.log_path)
     finally:
         srv.stop(signal.SIGKILL)
