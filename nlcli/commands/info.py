@@ -16,7 +16,7 @@ from rich.table import Table
 from nlcli.commands.common import Settings, client_command, handled
 from nlcli.console import consoles, print_json
 
-SECRET_KEYS = ("api_key",)
+SECRET_KEYS = ("api_key", "admin_api_key")
 # Shown first in the summary panel; everything else goes in the full table.
 HEADLINE = ("model_path", "served_model_name", "dtype", "device", "context_length", "tp_size",
             "dp_size", "attention_backend", "max_total_num_tokens", "version", "status")

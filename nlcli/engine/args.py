@@ -2,7 +2,9 @@
 
 The same object is logged at start-up (`server_args=ServerArgs(...)`), returned flat by
 `/get_server_args`, and turned into `nl serve` flags (one flag per field, help text from the field's
-metadata). Field names follow SGLang's so clients that read them keep working. Flags in
+metadata). Field names follow SGLang's so clients that read them keep working. Fields marked
+`secret` (the API keys) are masked wherever args are reported (repr, `public_dict`), and can also
+come from a file (`--X-file`) or an environment variable (`with_secrets`). Flags in
 COMPAT_GROUP are accepted for SGLang command-line compatibility and ignored: setting one logs a
 warning at start, and `nl serve --help` lists them under their own heading. Fields with metadata
 `only` accept just those values; anything else stops `nl serve` at start (`refused_flags`).
@@ -14,7 +16,8 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 
 def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -27,6 +30,15 @@ def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: 
 
 # Flags SGLang has and nl accepts without acting on them, so existing command lines start.
 COMPAT_GROUP = "Compatibility only (accepted, ignored)"
+
+
+MASK = "***"
+
+
+def _secret(help: str, env: str, flag: str) -> Any:
+    """A secret: masked when reported; unset, it is read from its `_file` field or from `env`."""
+    return _arg(None, f"{help} Also from ${env} or {flag}-file; never printed.", secret=True,
+                env=env)
 
 
 def _compat(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -66,7 +78,14 @@ class ServerArgs:
     # HTTP
     host: str = _arg("127.0.0.1", "Bind address.")
     port: int = _arg(30000, "Bind port.")
-    api_key: Optional[str] = _arg(None, "Require `Authorization: Bearer KEY` (all but /health).")
+    api_key: Optional[str] = _secret("Require `Authorization: Bearer KEY` (all but /health).",
+                                     "NL_API_KEY", "--api-key")
+    api_key_file: Optional[str] = _arg(None, "Read --api-key from this file (keeps it out of ps).")
+    admin_api_key: Optional[str] = _secret(
+        "Key for the admin routes (weight updates, flush, abort, pause/continue); the user key "
+        "is not enough for them when set. Either key opens the other routes.",
+        "NL_ADMIN_API_KEY", "--admin-api-key")
+    admin_api_key_file: Optional[str] = _arg(None, "Read --admin-api-key from this file.")
     cors_origins: Optional[str] = _arg(None, "Comma-separated allowed CORS origins (off if unset).")
     max_request_bytes: int = _arg(8 * 1024 * 1024, "Largest accepted request body (413 above).")
 
@@ -99,7 +118,9 @@ class ServerArgs:
         False, "Accept requests' custom_logit_processor: client-supplied Python (a dill pickle) "
         "run inside the engine. Disabled by default for security; enable only for trusted "
         "clients.")
-    watchdog_timeout: float = _arg(300.0, "Kill the engine if one step takes longer (seconds).")
+    watchdog_timeout: float = _arg(300.0, "A step longer than this (seconds) dumps every thread's "
+                                   "stack to the log and turns /health 503; twice this kills the "
+                                   "engine.")
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
@@ -174,8 +195,43 @@ class ServerArgs:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """to_dict with every secret masked (what /get_server_args and friends report)."""
+        return {k: (MASK if v is not None and k in _SECRETS else v)
+                for k, v in self.to_dict().items()}
+
+    def __repr__(self) -> str:  # the start-up log prints it
+        body = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
+        return f"ServerArgs({body})"
+
+    def with_secrets(self, environ: Mapping[str, str] = os.environ) -> "ServerArgs":
+        """Each secret left unset read from its --X-file, else from its environment variable.
+        ValueError (never quoting a secret) for a flag given with its file, or a file that is
+        unreadable or empty."""
+        changes = {}
+        for name in _SECRETS:
+            flag = "--" + name.replace("_", "-")
+            value, path = getattr(self, name), getattr(self, name + "_file")
+            if path is not None:
+                if value is not None:
+                    raise ValueError(f"Give {flag} or {flag}-file, not both.")
+                try:
+                    value = Path(path).read_text().strip()
+                except OSError as e:
+                    raise ValueError(f"Cannot read {flag}-file: {e}") from None
+                if not value:
+                    raise ValueError(f"{flag}-file {path} is empty.")
+            elif value is None:
+                value = environ.get(_ENV[name]) or None
+            changes[name] = value
+        return self.replace(**changes)
+
     def with_seed(self) -> "ServerArgs":
         """A copy whose random_seed is fixed, so every process of one server shares it."""
         if self.random_seed is not None:
             return self
         return self.replace(random_seed=random.randint(0, 2**30))
+
+
+_SECRETS = tuple(f.name for f in dataclasses.fields(ServerArgs) if f.metadata.get("secret"))
+_ENV = {f.name: f.metadata["env"] for f in dataclasses.fields(ServerArgs) if f.metadata.get("secret")}

@@ -58,20 +58,34 @@ def _tensor_bytes(pool) -> int:
 
 
 class _Watchdog(threading.Thread):
+    """Soft at `timeout`: one step that long dumps every thread's stack to the log (the API sees
+    no heartbeat, so /health is 503 until the step ends). Hard at twice that: the step is taken
+    to be hung for good, and the engine exits, which fails its requests and stops the server."""
+
     def __init__(self, timeout: float):
         super().__init__(daemon=True, name="nl-watchdog")
         self.timeout = timeout
         self.step_started: float | None = None
 
     def run(self) -> None:
+        log = logging.getLogger("nlcli.scheduler")
+        reported = None  # the start time of the step already dumped
         while True:
             time.sleep(min(self.timeout / 4, 5.0))
             started = self.step_started
-            if started is not None and time.monotonic() - started > self.timeout:
-                logging.getLogger("nlcli.scheduler").error(
-                    "Watchdog timeout (self.watchdog_timeout=%s)", self.timeout)
+            if started is None:
+                continue
+            took = time.monotonic() - started
+            if took > 2 * self.timeout:
+                log.error("Watchdog: one step has run %.1f s (twice --watchdog-timeout); killing "
+                          "the engine", took)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 os._exit(1)
+            if took > self.timeout and reported != started:
+                reported = started
+                log.error("Watchdog timeout (self.watchdog_timeout=%s): one step has run %.1f s; "
+                          "the stack of every thread follows", self.timeout, took)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 def run_engine(server_args, in_addr: str, out_addr: str) -> None:

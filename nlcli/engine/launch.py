@@ -1,14 +1,21 @@
 """launch_server: start the engine process and the HTTP server, warm up, serve, shut down cleanly.
 
-Exit codes: 0 after a signal-initiated shutdown, 1 when the engine fails to start, dies, or the
-warm-up generation fails. On SIGTERM/Ctrl-C the server goes unready (/health 503), refuses new
-work, lets in-flight requests finish for up to --shutdown-timeout seconds, aborts the rest, then
-stops the engine; a second signal exits at once. No child process outlives it.
+Shutdown on SIGTERM/Ctrl-C: the server goes unready (/health 503) and answers new work with 503
+while the listener stays open; in-flight requests get up to --shutdown-timeout seconds to finish.
+Those still running then are aborted through their normal output path (a stream's last event has
+finish_reason `abort` with a message, then `[DONE]`; a non-streaming request gets a 503 in its
+route's error envelope), and only then is uvicorn told to exit and the engine stopped and reaped.
+A second signal skips the wait: everything in flight is aborted at once.
+
+Exit codes: 0 after a signal when every request finished in time; EXIT_ABORTED (3) after a
+signal when some had to be aborted; 1 when the engine fails to start, dies, or the warm-up
+generation fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import multiprocessing as mp
 import shutil
@@ -16,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import uvicorn
 
@@ -25,6 +33,10 @@ logger = logging.getLogger("nlcli.launch")
 
 ENGINE_START_TIMEOUT = 1800.0
 WARMUP_TEXT = "The capital city of France is"
+# `nl serve` exit code after a signal when requests still running at the deadline were aborted.
+EXIT_ABORTED = 3
+# Seconds uvicorn gets to write the last responses once nl has ended every request.
+FLUSH_TIMEOUT = 10.0
 
 _serving = {"started": False, "since": time.monotonic()}
 
@@ -42,15 +54,37 @@ def _install_signal_handlers() -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server that marks the tokenizer manager as draining on the first signal."""
+    """uvicorn.Server whose signals start nl's drain (_drain_on_signal) instead of stopping
+    uvicorn: the listener stays open so new requests get a clear 503, not a refused connection."""
 
-    tm = None
+    def __init__(self, config, tm, shutdown_timeout: float):
+        super().__init__(config)
+        self.tm, self.shutdown_timeout, self.signals = tm, shutdown_timeout, 0
 
     def handle_exit(self, sig, frame):
-        if self.tm is not None and self.tm.start_draining():
-            logger.info("Shutting down: draining in-flight requests (up to %.0f s)",
-                        self.config.timeout_graceful_shutdown or 0)
-        super().handle_exit(sig, frame)
+        self.signals += 1
+        if self.signals == 1:
+            self.tm.start_draining()
+            logger.info("Shutting down: draining in-flight requests (up to %.0f s; signal again "
+                        "to abort them now)", self.shutdown_timeout)
+        elif self.signals == 2:
+            logger.warning("Second signal: aborting every request in flight and exiting now")
+        if self.signals > 1 and self.should_exit:
+            self.force_exit = True  # already flushing the last responses: stop waiting
+
+
+async def _drain_on_signal(server: _Server, tm, state: dict) -> None:
+    """After the first signal: drain and abort (api/shutdown.py; a second signal hurries it),
+    then let uvicorn exit, which now only writes the last responses."""
+    from nlcli.engine.api.shutdown import drain
+
+    while not server.signals:
+        if server.should_exit:  # the engine died or the warm-up failed
+            return
+        await asyncio.sleep(0.05)
+    if await drain(tm, server.shutdown_timeout, lambda: server.signals > 1) and not state["exit_code"]:
+        state["exit_code"] = EXIT_ABORTED
+    server.should_exit = True
 
 
 def _embedding_only(source) -> bool:
@@ -64,8 +98,12 @@ def _embedding_only(source) -> bool:
 
 def launch_server(args) -> int:
     _serving["since"] = time.monotonic()
-    args = args.with_seed()
     configure_logging(args.log_level, "")
+    try:
+        args = args.with_seed().with_secrets()
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
     refused = args.refused_flags()
     for flag in refused:
         logger.error("%s cannot be honoured; not starting.", flag)
@@ -90,9 +128,10 @@ def launch_server(args) -> int:
     logger.info("server_args=%r", args)
     for flag in args.ignored_flags():
         logger.warning("%s is accepted for SGLang compatibility only and has no effect in nl.", flag)
-    if args.host in ("0.0.0.0", "::") and not args.api_key:
-        logger.warning("Listening on all interfaces without --api-key: anyone on the network can "
-                       "use this server.")
+    warning = exposure_warning(args)
+    if warning:  # loud on purpose, but serving on 0.0.0.0 without a key must keep working
+        for line in ("!" * 78, "WARNING: " + warning, "!" * 78):
+            logger.warning("%s", line)
     ipc_dir = tempfile.mkdtemp(prefix="nl-ipc-")
     in_addr, out_addr = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
     proc = mp.get_context("spawn").Process(target=run_engine, args=(args, in_addr, out_addr),
@@ -122,11 +161,11 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
         return 1
     model_info = {"model_path": args.model_path, "is_generation": ready.is_generation}
     app = create_app(args, tm, model_info)
+    # By the time uvicorn is told to exit, nl has ended every request; uvicorn only flushes.
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                             log_level=args.log_level_http or "warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = _Server(config)
-    server.tm = tm
+                            timeout_graceful_shutdown=FLUSH_TIMEOUT)
+    server = _Server(config, tm, args.shutdown_timeout)
     _serving["started"] = True
     state = {"exit_code": 0}
 
@@ -136,10 +175,12 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
 
     tm.start(proc.is_alive, on_dead)
     warm = asyncio.create_task(_warmup(args, server, tm, ready, state))
+    drain = asyncio.create_task(_drain_on_signal(server, tm, state))
     await server.serve()
     warm.cancel()
-    # Whatever is still in flight after the graceful window is aborted with a reason.
-    tm.shutdown("The server is shutting down.")
+    drain.cancel()
+    tm.shutdown("The server is shutting down.")  # nothing is left unless the engine died
+    await asyncio.sleep(0.05)  # let the ShutdownReq leave before the loop closes
     return state["exit_code"]
 
 
@@ -156,7 +197,8 @@ async def _warmup(args, server, tm, ready, state) -> None:
         print(f"INFO:     Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)",
               file=sys.stderr, flush=True)
     url = f"http://{_client_host(args.host)}:{args.port}"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    key = args.api_key or args.admin_api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"text": WARMUP_TEXT, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
     if args.skip_tokenizer_init:  # no tokenizer: a few ids inside any vocabulary instead
         body = {"input_ids": list(range(min(8, ready.vocab_size or 8))),
@@ -170,12 +212,35 @@ async def _warmup(args, server, tm, ready, state) -> None:
                                       else {"input_ids": body["input_ids"]})
             r.raise_for_status()
     except Exception as e:
+        if server.signals:  # shutting down before the warm-up finished: nothing failed
+            return
         logger.error("Warm-up request failed: %s", e)
         state["exit_code"] = 1
         server.should_exit = True
         return
     logger.info("The server is fired up and ready to roll!")
     _print_panel(url, args, ready)
+
+
+def exposure_warning(args) -> Optional[str]:
+    """What to warn about a server that others can reach without a user API key (None when it
+    binds a loopback address or has one). Host names other than localhost count as reachable."""
+    if args.api_key or _is_loopback(args.host):
+        return None
+    what = ("only the admin routes need a key (--admin-api-key)" if args.admin_api_key else
+            "they can also update weights, flush the cache and abort requests")
+    return (f"listening on {args.host} without --api-key: anyone who can reach port {args.port} "
+            f"can generate and read the server info; {what}. Set --api-key (or NL_API_KEY, "
+            "--api-key-file), or bind 127.0.0.1.")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client_host(host: str) -> str:

@@ -11,7 +11,6 @@ ASGI).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from typing import Any
 
@@ -74,12 +73,12 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     @app.get("/get_server_args")
     async def get_server_args():
-        return json_response(dataclasses.asdict(app.state.server_args))
+        return json_response(app.state.server_args.public_dict())
 
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def get_server_info():
-        info = dataclasses.asdict(app.state.server_args)
+        info = app.state.server_args.public_dict()
         info.update(status="ready", max_total_num_tokens=tm.pool_size, version=__version__)
         return json_response(info)
 
@@ -141,8 +140,8 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
         origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
         wrapped = CORSMiddleware(wrapped, allow_origins=origins, allow_methods=["*"],
                                  allow_headers=["*"], allow_credentials="*" not in origins)
-    if args.api_key:
-        wrapped = ApiKeyMiddleware(wrapped, args.api_key)
+    if args.api_key or args.admin_api_key:
+        wrapped = ApiKeyMiddleware(wrapped, args.api_key, args.admin_api_key)
     return wrapped
 
 

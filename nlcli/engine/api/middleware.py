@@ -1,4 +1,4 @@
-"""The pure-ASGI middleware in front of the app: API key check and request-body size cap.
+"""The pure-ASGI middleware in front of the app: API keys (user and admin) and request-body size cap.
 
 Plain ASGI on purpose, never Starlette's BaseHTTPMiddleware: that one hides `http.disconnect` from
 the routes, and abort-on-disconnect relies on seeing it.
@@ -11,9 +11,35 @@ import secrets
 import orjson
 
 
+# Routes that change the server for everyone: with --admin-api-key only that key opens them.
+# Matched as path prefixes, so every /update_weights* variant (and any trailing-slash or suffix
+# trick) counts as admin; failing closed is the safe direction here.
+ADMIN_ROUTES = ("/update_weights", "/flush_cache", "/abort_request", "/pause_generation",
+                "/continue_generation")
+
+
+def is_admin_route(path: str) -> bool:
+    return path.startswith(ADMIN_ROUTES)
+
+
 class ApiKeyMiddleware:
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
+    """401 `{"error":"Unauthorized"}` unless the request carries a key that opens its route.
+
+    Without an admin key, `api_key` opens everything (but /health). With one, the admin routes take
+    only the admin key, and the others take either key (none at all when `api_key` is None)."""
+
+    def __init__(self, app, api_key: str | None, admin_key: str | None = None):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.admin = admin_key.encode() if admin_key else None
+
+    def _allowed(self, path: str, token: bytes) -> bool:
+        # Both comparisons always run, so timing does not tell which key was close.
+        user = self.key is not None and secrets.compare_digest(token, self.key)
+        admin = self.admin is not None and secrets.compare_digest(token, self.admin)
+        if self.admin is not None and is_admin_route(path):
+            return admin
+        return user or admin or self.key is None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] == "/health":
@@ -21,7 +47,7 @@ class ApiKeyMiddleware:
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
         token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-        if not secrets.compare_digest(token, self.key):
+        if not self._allowed(scope["path"], token):
             body = b'{"error":"Unauthorized"}'
             await send({"type": "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"application/json"),

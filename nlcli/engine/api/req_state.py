@@ -34,6 +34,9 @@ class ReqState:
         self.created = time.perf_counter()
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
+        # Set by shutdown.abort_in_flight: the finish_reason the engine's abort is reported with,
+        # so the route answers it with that status (a 503) rather than a 200.
+        self.abort_reason: Optional[dict] = None
 
     def mark_tokens(self, now: float, n: int) -> Optional[float]:
         """Note that `n` tokens arrived at `now`; the gap since the previous ones (None for the
@@ -59,6 +62,21 @@ class ReqState:
         streaming), and no "text" key at all without a detokenizer (--skip-tokenizer-init)."""
         out = {"output_ids": list(self.output_ids), "meta_info": meta}
         return out if self.detok is None else {"text": text, **out}
+
+    def abort_with(self, message: str, status_code: int) -> None:
+        """Report the engine's coming abort of this request as `message` with `status_code`."""
+        self.abort_reason = {"type": "abort", "message": message, "status_code": status_code}
+
+    def reported_finish(self, finish: Optional[dict]) -> Optional[dict]:
+        """The engine's finish_reason as the client sees it (abort_with's, for an abort)."""
+        if self.abort_reason is not None and finish is not None and finish.get("type") == "abort":
+            return self.abort_reason
+        return finish
+
+    def end_now(self, error: Exception) -> None:
+        """Finish with `error` without waiting for the engine (it did not answer an abort)."""
+        self.finished = True
+        self.queue.put_nowait(error)
 
     def add_tokens(self, ids: list[int], finish: Optional[dict]) -> str:
         """Detokenize a delta; the text to show: cut at the engine's stop string once finished,

@@ -126,7 +126,8 @@ class TokenizerManager:
             self.flush_future.set_exception(EngineDeadError(reason))
 
     def is_healthy(self) -> bool:
-        stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 10.0)
+        # Beats come about once a second between steps: longer silence is one slow (hung?) step.
+        stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 2.0)
         return self.dead is None and not self.draining and not stale
 
     def shutdown(self, message: str) -> None:
@@ -212,7 +213,7 @@ class TokenizerManager:
             st = self._states.get(rid)
             if st is None or st.finished:
                 continue
-            finish = msg.finished_reasons[i]
+            finish = st.reported_finish(msg.finished_reasons[i])
             text = st.add_tokens(msg.new_token_ids[i], finish)
             gap = st.mark_tokens(now, len(msg.new_token_ids[i]))
             if gap is not None and self.metrics and not rid.startswith("HEALTH_CHECK"):
