@@ -210,9 +210,9 @@ class Scheduler:
             if fb.return_all_logits:
                 collect_input_logprobs(batch, fb.extend_lens_cpu, out.all_logits)
             done = [i for i, r in enumerate(batch) if not r.is_chunked]
-            for r in batch:
-                if r.is_chunked:
-                    self.mem.cache_chunk(r)
+            for r in batch:  # into the radix cache now, so sharers admitted next step reuse it
+                if r.is_chunked or self.mem.caching:
+                    self.mem.cache_prefill(r)
             if done:
                 self._append_tokens([batch[i] for i in done], out.next_token_logits, done)
         self.books.log_prefill(len(batch), fb.num_tokens, cached, len(self.running),
