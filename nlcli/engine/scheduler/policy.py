@@ -1,8 +1,9 @@
 """Schedule policy: waiting-queue order (lpm / fcfs) and admission of requests into a prefill batch.
 
-Admission respects three budgets: `max_prefill_tokens` new tokens per batch, `max_running_requests`,
-and KV memory (free + evictable slots, less what running requests are expected to still need,
-estimated as remaining new tokens times `new_token_ratio`). Prompts longer than
+Admission respects three budgets: `max_prefill_tokens` new tokens per batch (decode tokens of a
+mixed batch included), `max_running_requests`, and KV memory (free + evictable slots, less what
+running requests are expected to still need, estimated as remaining new tokens times
+`new_token_ratio`). Prompts longer than
 `chunked_prefill_size` are split; the chunked request is the last one admitted.
 
 In-batch prefix sharing (SGLang's in-batch prefix caching, adapted): when waiting requests share a
@@ -17,6 +18,8 @@ always moves.
 from __future__ import annotations
 
 from typing import Optional
+
+from collections import deque
 
 import torch
 
@@ -85,16 +88,17 @@ class InBatchPrefixes:
 class PrefillAdder:
     def __init__(self, mem: KVMemory, running: list[Req], *, max_prefill_tokens: int,
                  chunked_prefill_size: int, max_running_requests: int, new_token_ratio: float,
-                 context_len: int):
+                 context_len: int, mixed_decodes: int = 0):
         self.mem = mem
         self.context_len = context_len
-        self.rem_prefill = max_prefill_tokens
+        # Decode tokens riding in the same forward (a mixed batch) use the budget and one slot each.
+        self.rem_prefill = max_prefill_tokens - mixed_decodes
         self.chunk_size = chunked_prefill_size if chunked_prefill_size > 0 else None
         self.rem_slots_for_reqs = max_running_requests - len(running)
         self.ratio = new_token_ratio
         self.reserved = sum(self._future(r) for r in running)
         self.idle = not running
-        self.consumed = 0
+        self.consumed = mixed_decodes
         self.admitted: list[Req] = []
         self.chunked: Optional[Req] = None
         self.held: list[Req] = []  # sharers of a prefix this batch computes: next step
@@ -159,3 +163,29 @@ class PrefillAdder:
         if chunking:
             self.chunked = req
         return not chunking
+
+
+def retract_for_decode(running: list[Req], waiting: deque[Req], mem: KVMemory,
+                       forced: bool) -> tuple[int, Optional[Req]]:
+    """Before a decode step: move the newest running requests back to the front of `waiting`
+    (their KV released, their output kept) until every one left gets a slot; `forced` (tests)
+    retracts the newer half first. Returns how many were retracted, and the lone request that
+    cannot grow even alone (the caller aborts it)."""
+    victims: list[Req] = []
+    if forced:
+        victims = sorted(running, key=lambda r: r.arrival)[len(running) // 2:]
+    for r in sorted(victims, key=lambda r: r.arrival, reverse=True):
+        _retract(r, running, waiting, mem)
+    count = len(victims)
+    while len(running) > 1 and mem.available() < len(running):
+        _retract(max(running, key=lambda r: r.arrival), running, waiting, mem)
+        count += 1
+    stuck = running[0] if running and mem.available() < len(running) else None
+    return count, stuck
+
+
+def _retract(req: Req, running: list[Req], waiting: deque[Req], mem: KVMemory) -> None:
+    running.remove(req)
+    mem.release(req)
+    req.num_retractions += 1
+    waiting.appendleft(req)

@@ -1,7 +1,9 @@
 """Scheduler: the engine process's loop body. Receive, choose prefill or decode, step.
 
 Each `step()` runs a prefill ("extend") batch admitted by the schedule policy, else a decode batch
-of every running request; new requests join between steps (continuous batching). When a decode
+of every running request; new requests join between steps (continuous batching). With mixed chunk
+(`ServerArgs.mixed_chunk`, on for CPU), the running requests' decode tokens ride in the prefill's
+forward, so they keep decoding while long prompts prefill chunk by chunk. When a decode
 step cannot get one slot per request, the newest requests are retracted to the front of the queue
 and later re-prefilled from prompt + output so far (greedy output is unchanged). Its parts are
 owned objects: `KVMemory` (cache.py), `OutputProcessor` (output.py: appends, finish checks, emits,
@@ -29,7 +31,8 @@ from nlcli.engine.scheduler.embedding import (finish_embedding_batch, is_embeddi
 from nlcli.engine.scheduler.grammar_queue import GrammarQueue
 from nlcli.engine.scheduler.logprobs import collect_input_logprobs
 from nlcli.engine.scheduler.output import OutputProcessor
-from nlcli.engine.scheduler.policy import NewTokenRatio, PrefillAdder, order_waiting
+from nlcli.engine.scheduler.policy import (NewTokenRatio, PrefillAdder, order_waiting,
+                                           retract_for_decode)
 from nlcli.engine.scheduler.req import Req
 from nlcli.engine.scheduler.weight_update import apply_weight_update
 
@@ -56,6 +59,10 @@ class Scheduler:
                                           sorted(eos_ids))
         rows = int(runner.req_to_token_pool.available_size())
         self.max_running_requests = min(server_args.max_running_requests or rows, rows)
+        device = runner.device.type
+        self.max_prefill_tokens = server_args.prefill_token_budget(device)
+        # Encoders' requests never decode, so there is nothing to mix in.
+        self.mixed_chunk = server_args.mixed_chunk(device) and not self.whole_inputs
         self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
@@ -169,53 +176,61 @@ class Scheduler:
             r.finish_abort(r.to_abort)
         self.outputs.finish(gone)
 
-    def _admit_prefill(self) -> tuple[list[Req], Optional[Req]]:
-        """The requests of the next prefill batch (none: decode instead), and which one is the
-        chunked request already under way."""
+    def _admit_prefill(self) -> tuple[list[Req], Optional[Req], list[Req]]:
+        """The requests of the next prefill batch (none: decode instead), which one is the chunked
+        request already under way, and the running requests that decode in the same forward."""
+        # Mixed batch: running requests take one token each of the budget, if that leaves most.
+        mixing = self.mixed_chunk and 0 < len(self.running) <= self.max_prefill_tokens // 2
         adder = PrefillAdder(
             self.mem, self.running + ([self.chunked_req] if self.chunked_req else []),
-            max_prefill_tokens=self.args.max_prefill_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
             chunked_prefill_size=-1 if self.whole_inputs else self.args.chunked_prefill_size,
             max_running_requests=self.max_running_requests,
-            new_token_ratio=self.new_token_ratio.value, context_len=self.context_len)
+            new_token_ratio=self.new_token_ratio.value, context_len=self.context_len,
+            mixed_decodes=len(self.running) if mixing else 0)
         continuing = self.chunked_req
         if continuing is not None:
             adder.add_chunked(continuing)
             if continuing not in adder.admitted:
-                return [], continuing  # it keeps its place; running requests decode and free memory
+                return [], continuing, []  # it keeps its place; running requests decode
         if adder.chunked is None:
             for req in order_waiting(list(self.waiting), self.args.schedule_policy, self.mem):
                 if not adder.add(req):
                     break
         if adder.admitted:
             self.chunked_req = adder.chunked
-        return adder.admitted, continuing
+        return adder.admitted, continuing, list(self.running) if mixing and adder.admitted else []
 
     def _run_prefill(self) -> bool:
         if not self.waiting and self.chunked_req is None:
             return False
-        batch, continuing = self._admit_prefill()
+        batch, continuing, decoding = self._admit_prefill()
         if not batch:
             return False
         new = [r for r in batch if r is not continuing]
         for r in new:
             self.waiting.remove(r)
-        fb = prepare_extend(self.mem, batch)
+        fb = prepare_extend(self.mem, batch, decoding)
         cached = sum(r.prefix_len for r in new)
-        self.books.count_prefill(fb.num_tokens, cached)
+        new_tokens = fb.num_tokens - len(decoding)
+        self.books.count_prefill(new_tokens, cached)
         out = self.runner.forward(fb)
         if is_embedding_output(out):  # an embedding or reward model: nothing to decode
             finish_embedding_batch(batch, out, self.mem, self.outputs)
         else:
-            if fb.return_all_logits:
+            if fb.return_all_logits:  # decode rows, if any, follow the extends' rows
                 collect_input_logprobs(batch, fb.extend_lens_cpu, out.all_logits)
             done = [i for i, r in enumerate(batch) if not r.is_chunked]
             for r in batch:  # into the radix cache now, so sharers admitted next step reuse it
                 if r.is_chunked or self.mem.caching:
                     self.mem.cache_prefill(r)
-            if done:
-                self._append_tokens([batch[i] for i in done], out.next_token_logits, done)
-        self.books.log_prefill(len(batch), fb.num_tokens, cached, len(self.running),
+            rows = done + list(range(len(batch), len(batch) + len(decoding)))
+            if rows:
+                self._append_tokens([batch[i] for i in done] + decoding, out.next_token_logits,
+                                    rows)
+            if decoding:
+                self.new_token_ratio.decay()
+        self.books.log_prefill(len(batch), new_tokens, cached, len(self.running),
                                len(self.waiting) + bool(self.chunked_req))
         return True
 
@@ -242,28 +257,17 @@ class Scheduler:
     # ---- retraction ------------------------------------------------------------------------
     def _maybe_retract(self) -> None:
         forced = self.force_retract and len(self.running) > 1 and self.books.decode_steps % 3 == 0
-        if forced:
-            victims = sorted(self.running, key=lambda r: r.arrival)[len(self.running) // 2:]
-            self._retract(victims)
-        while len(self.running) > 1 and self.mem.available() < len(self.running):
-            self._retract([max(self.running, key=lambda r: r.arrival)])
-        if self.running and self.mem.available() < len(self.running):
-            lone = self.running[0]
-            lone.finish_abort(f"The KV cache pool ({self.mem.size} tokens) is full; "
-                              f"the request cannot grow past {lone.kv_len} tokens.")
+        retracted, stuck = retract_for_decode(self.running, self.waiting, self.mem, forced)
+        if retracted:
+            self.books.count_retractions(retracted)
+            self.new_token_ratio.after_retraction()
+            logger.info("Retract requests. #retracted: %d, #running-req: %d, #queue-req: %d",
+                        retracted, len(self.running), len(self.waiting))
+        if stuck is not None:
+            stuck.finish_abort(f"The KV cache pool ({self.mem.size} tokens) is full; "
+                               f"the request cannot grow past {stuck.kv_len} tokens.")
             self.running = []
-            self.outputs.finish([lone])
-
-    def _retract(self, victims: list[Req]) -> None:
-        for r in sorted(victims, key=lambda r: r.arrival, reverse=True):
-            self.running.remove(r)
-            self.mem.release(r)
-            r.num_retractions += 1
-            self.waiting.appendleft(r)
-        self.books.count_retractions(len(victims))
-        self.new_token_ratio.after_retraction()
-        logger.info("Retract requests. #retracted: %d, #running-req: %d, #queue-req: %d",
-                    len(victims), len(self.running), len(self.waiting))
+            self.outputs.finish([stuck])
 
     # ---- failures, cache and books ---------------------------------------------------------
     def fail_in_flight(self, error: str) -> int:
