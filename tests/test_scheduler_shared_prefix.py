@@ -40,7 +40,7 @@ def _prompt_tokens_computed(h, outputs) -> int:
 def test_32_requests_sharing_a_new_prefix_compute_it_once(policy, chunk):
     h = Harness(pool_size=8192, context_len=1024, schedule_policy=policy,
                 chunked_prefill_size=chunk)
-    prefix, prompts = _shared_prompts(32, PREFIX)
+    _, prompts = _shared_prompts(32, PREFIX)
     for i, p in enumerate(prompts):
         h.submit(str(i), p, greedy(8, ignore_eos=True))
     h.drain()
@@ -53,7 +53,7 @@ def test_32_requests_sharing_a_new_prefix_compute_it_once(policy, chunk):
 
 def test_sharers_wait_for_a_chunked_carrier_and_keep_the_budget():
     h = Harness(pool_size=8192, context_len=1024, chunked_prefill_size=128, max_prefill_tokens=200)
-    prefix, prompts = _shared_prompts(12, 300, seed=1)
+    _, prompts = _shared_prompts(12, 300, seed=1)
     for i, p in enumerate(prompts):
         h.submit(str(i), p, greedy(5, ignore_eos=True))
     h.drain()

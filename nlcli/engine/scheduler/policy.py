@@ -17,9 +17,8 @@ always moves.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from collections import deque
+from typing import Optional
 
 import torch
 
