@@ -125,7 +125,7 @@ class AppServer:
         cfg = self.runner.model_config
         send.send_pyobj(EngineReady(
             max_total_num_tokens=self.runner.max_total_num_tokens,
-            max_prefill_tokens=self.args.max_prefill_tokens,
+            max_prefill_tokens=sched.max_prefill_tokens,
             max_running_requests=sched.max_running_requests, context_len=cfg.context_len,
             device="cpu", dtype="float32", is_generation=cfg.is_generation,
             vocab_size=cfg.vocab_size, eos_token_ids=list(cfg.eos_token_ids)))

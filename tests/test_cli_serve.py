@@ -47,6 +47,9 @@ def test_every_field_has_a_flag_that_sets_it(launched):
         if f.type in (bool, "bool"):
             argv.append(flag if not f.default else f"--no-{flag[2:]}")
             expected[f.name] = not f.default
+        elif f.type == "Optional[bool]":  # automatic unless set: either way is not the default
+            argv.append(f"--no-{flag[2:]}")
+            expected[f.name] = False
         elif choices:
             value = next((c for c in choices if c != f.default), f.default)
             argv += [flag, value]
@@ -78,7 +81,7 @@ def test_bad_choice_is_a_usage_error(launched):
 def test_help_lists_every_flag_with_help_and_default():
     r = serve("--help")
     assert r.exit_code == 0
-    words = r.stdout.split()
+    words = r.stdout.replace("/--", " --").split()  # --flag/--no-flag: both are listed
     for f in dataclasses.fields(ServerArgs):
         assert "--" + f.name.replace("_", "-") in words, f.name
         for choice in f.metadata.get("choices", ()):

@@ -102,14 +102,14 @@ def test_duplicate_computation_frees_the_copy():
     assert c.evictable == 20 and c.free == c.size - 20 and _balanced(mem)
 
 
-def test_cache_chunk_locks_each_chunk_as_the_prefix():
+def test_cache_prefill_locks_each_chunk_as_the_prefix():
     mem = _mem()
     r = _req(list(range(100, 130)), "r")
     _admit(mem, r, take=12)
-    mem.cache_chunk(r)
+    mem.cache_prefill(r)
     assert r.prefix_len == 12 and mem.counts().protected == 12 and _balanced(mem, [r])
     _admit(mem, r, take=12)
-    mem.cache_chunk(r)
+    mem.cache_prefill(r)
     assert r.prefix_len == 24 and mem.counts().protected == 24 and _balanced(mem, [r])
     _admit(mem, r)  # the last chunk
     assert r.kv_len == 30 and _balanced(mem, [r])
@@ -127,13 +127,13 @@ def test_chunk_computed_twice_meanwhile_points_at_the_cached_copy():
     prompt = list(range(100, 130))
     r = _req(prompt, "r")
     _admit(mem, r, take=12)
-    mem.cache_chunk(r)
+    mem.cache_prefill(r)
     a = _req(prompt, "a")  # the same prompt, whole, while r is part-way
     _admit(mem, a)
     assert a.prefix_len == 12
     mem.release(a)
     _admit(mem, r, take=12)  # computes 12..24 again: a's copy is already cached
-    mem.cache_chunk(r)
+    mem.cache_prefill(r)
     assert r.prefix_len == 24 and _balanced(mem, [r])
     _admit(mem, r)
     mem.release(r)
@@ -145,7 +145,7 @@ def test_disabled_cache_frees_everything():
     mem = _mem(disable=True)
     r = _req(list(range(30)), "r")
     _admit(mem, r, take=10)
-    mem.cache_chunk(r)
+    mem.cache_prefill(r)
     assert r.prefix_len == 10 and mem.counts().protected == 0
     _admit(mem, r)
     mem.release(r)
@@ -170,8 +170,8 @@ def test_random_requests_keep_the_books_and_the_cache_honest():
             r = next(r for r in live if r.is_chunked)
             if mem.available() >= len(r.all_ids) - r.kv_len:
                 _admit(mem, r, take=rng.choice([None, 4, 9]))
-                if r.is_chunked:
-                    mem.cache_chunk(r)
+                if r.is_chunked or rng.random() < 0.5:
+                    mem.cache_prefill(r)
         elif live and rng.random() < 0.5:
             growing = [r for r in live if not r.is_chunked and r.kv_len]
             if growing and mem.available() >= len(growing):
@@ -184,8 +184,8 @@ def test_random_requests_keep_the_books_and_the_cache_honest():
                 continue
             r = _req(ids, f"r{step}")
             _admit(mem, r, take=rng.choice([None, 4, 9]))
-            if r.is_chunked:
-                mem.cache_chunk(r)
+            if r.is_chunked or rng.random() < 0.5:  # a whole prefill is cached at once too
+                mem.cache_prefill(r)
             live.append(r)
         for r in live:
             for i, slot in enumerate(_kv_of(mem, r)):
@@ -202,3 +202,23 @@ def test_random_requests_keep_the_books_and_the_cache_honest():
     assert c.protected == 0 and c.free + c.evictable == c.size and _balanced(mem)
     mem.flush()
     assert mem.counts().free == c.size
+
+
+def test_whole_prefill_is_cached_before_its_request_finishes():
+    mem = _mem()
+    prompt = list(range(100, 130))
+    r = _req(prompt, "r")
+    _admit(mem, r)
+    mem.cache_prefill(r)
+    assert r.prefix_len == 30 and mem.counts().protected == 30 and _balanced(mem, [r])
+    r.output_ids.append(7)
+    prepare_decode(mem, [r])
+    twin = _req(prompt, "t")  # computes the same prompt meanwhile: its copy is a duplicate
+    _admit(mem, twin)
+    assert twin.prefix_len == 29
+    mem.cache_prefill(twin)
+    assert _kv_of(mem, twin) == _kv_of(mem, r)[:30] and _balanced(mem, [r, twin])
+    mem.release(twin)
+    mem.release(r)
+    c = mem.counts()
+    assert c.protected == 0 and c.evictable == 31 and _balanced(mem)

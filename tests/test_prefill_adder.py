@@ -176,3 +176,26 @@ def test_lpm_orders_by_cached_prefix_then_arrival():
     hot = Req("hot", list(range(30)) + [999], warm.sampling_params)
     assert order_waiting([cold_a, hot, cold_b], "lpm", mem) == [hot, cold_a, cold_b]
     assert order_waiting([cold_a, hot, cold_b], "fcfs", mem) == [cold_a, hot, cold_b]
+
+
+def test_sharers_of_an_uncached_prefix_are_held_behind_one_carrier():
+    mem = _mem()
+    adder = _adder(mem)
+    head = list(range(100))  # shared, not cached
+    carrier, sharer = Req("c", head + [500, 501], _req(1).sampling_params), \
+        Req("s", head + [600], _req(1).sampling_params)
+    other, short = _req(40, start=700), Req("h", head[:20] + [900], _req(1).sampling_params)
+    assert adder.add(carrier) and adder.add(sharer) and adder.add(other) and adder.add(short)
+    # The sharer would save 100 tokens by waiting a step; `short` only 20, below the threshold.
+    assert adder.admitted == [carrier, other, short] and adder.held == [sharer]
+    assert sharer.last_node is None and mem.counts().protected == 0
+
+
+def test_sharers_of_the_chunked_request_under_way_are_held():
+    mem = _mem()
+    r = _req(300)
+    r.prefix_indices = torch.arange(100)  # as if its first chunk were cached and locked
+    adder = _adder(mem, chunk=512)
+    assert adder.add_chunked(r)  # its last chunk: the queue may join this batch
+    sharer = _req(250)  # the first 250 tokens of r's prompt; none cached in this tree
+    assert adder.add(sharer) and adder.held == [sharer] and adder.admitted == [r]

@@ -18,8 +18,9 @@ def strict_books(monkeypatch):
 
 
 class Harness:
-    def __init__(self, pool_size=4096, rows=64, **args):
-        self.runner = FakeModelRunner(pool_size=pool_size, rows=rows)
+    def __init__(self, pool_size=4096, rows=64, context_len=512, runner=None, **args):
+        self.runner = runner or FakeModelRunner(pool_size=pool_size, rows=rows,
+                                                context_len=context_len)
         self.msgs = []
         self.sched = Scheduler(ServerArgs(**args), self.runner, self.msgs.append)
         self.ids: dict[str, list[int]] = {}

@@ -35,7 +35,8 @@ def _flag_param(f: dataclasses.Field) -> inspect.Parameter:
     flag = "--" + f.name.replace("_", "-")
     choices = meta.get("choices")
     if base is bool:
-        decls = (flag,) if not f.default else (f"{flag}/--no-{flag[2:]}",)
+        # An on-by-default or automatic (None) switch can also be turned off.
+        decls = (flag,) if f.default is False else (f"{flag}/--no-{flag[2:]}",)
         kind: Any = bool
     else:
         decls = (flag,)
@@ -78,7 +79,7 @@ def _help_entries(group: Optional[str] = None) -> list[tuple[str, str]]:
         if not f.init:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if _base_type(f.type) is bool and f.default:
+        if _base_type(f.type) is bool and f.default is not False:
             flag += f"/--no-{flag[2:]}"
         text = f.metadata.get("help", "")
         if f.metadata.get("choices"):

@@ -28,6 +28,12 @@ def _arg(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: 
     return field(default=default, metadata=meta)
 
 
+# Prefill token budgets when --max-prefill-tokens is not given. A CPU prefills a few thousand
+# tokens a second, so a 2048-token batch bounds how long running requests and the queue's next
+# first token wait behind one step; a GPU takes SGLang's 16k.
+CPU_MAX_PREFILL_TOKENS = 2048
+GPU_MAX_PREFILL_TOKENS = 16384
+
 # Flags SGLang has and nl accepts without acting on them, so existing command lines start.
 COMPAT_GROUP = "Compatibility only (accepted, ignored)"
 
@@ -96,7 +102,12 @@ class ServerArgs:
     max_running_requests: Optional[int] = _arg(None, "Cap on concurrently running requests.")
     max_total_tokens: Optional[int] = _arg(None, "KV pool size in tokens (overrides the fraction).")
     chunked_prefill_size: int = _arg(2048, "Split prompts longer than this into chunks; -1 = off.")
-    max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
+    max_prefill_tokens: Optional[int] = _arg(
+        None, f"Token budget of one prefill batch (auto: {GPU_MAX_PREFILL_TOKENS} on GPU, "
+        f"{CPU_MAX_PREFILL_TOKENS} on CPU, where a smaller batch keeps first tokens coming).")
+    enable_mixed_chunk: Optional[bool] = _arg(
+        None, "Run running requests' decode tokens in the same forward as prefill chunks, so they "
+        "keep decoding while new prompts prefill (auto: on for CPU, off on GPU).")
     schedule_policy: str = _arg("lpm", "Waiting-queue order.", ("lpm", "fcfs"))
     schedule_conservativeness: float = _arg(1.0, "Larger: fewer retractions, less concurrency.")
     max_queued_requests: Optional[int] = _arg(
@@ -188,6 +199,18 @@ class ServerArgs:
         if raw is None or raw.strip() == "":
             return fallback
         return type(fallback)(float(raw)) if fallback is not None else float(raw)
+
+    def prefill_token_budget(self, device_type: str) -> int:
+        """--max-prefill-tokens, or the default for this device ("cpu", "cuda")."""
+        if self.max_prefill_tokens:
+            return int(self.max_prefill_tokens)
+        return CPU_MAX_PREFILL_TOKENS if device_type == "cpu" else GPU_MAX_PREFILL_TOKENS
+
+    def mixed_chunk(self, device_type: str) -> bool:
+        """Whether decodes ride along in prefill forwards (--enable-mixed-chunk, else auto)."""
+        if self.enable_mixed_chunk is None:
+            return device_type == "cpu"
+        return bool(self.enable_mixed_chunk)
 
     def replace(self, **changes: Any) -> "ServerArgs":
         return dataclasses.replace(self, **changes)

@@ -131,11 +131,11 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
         sys.exit(1)
     cfg = runner.model_config
     log.info("max_total_num_tokens=%d, max_prefill_tokens=%d, max_running_requests=%d, context_len=%d",
-             runner.max_total_num_tokens, server_args.max_prefill_tokens,
+             runner.max_total_num_tokens, sched.max_prefill_tokens,
              sched.max_running_requests, cfg.context_len)
     send_obj(EngineReady(
         max_total_num_tokens=int(runner.max_total_num_tokens),
-        max_prefill_tokens=server_args.max_prefill_tokens,
+        max_prefill_tokens=sched.max_prefill_tokens,
         max_running_requests=sched.max_running_requests, context_len=int(cfg.context_len),
         device=str(runner.device), dtype=str(runner.dtype).replace("torch.", ""),
         is_generation=bool(cfg.is_generation),

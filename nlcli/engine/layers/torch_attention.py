@@ -3,7 +3,7 @@
 `plan(batch)` runs once per forward and returns a `TorchAttentionPlan` (gather indices, masks) that
 the ForwardBatch carries; every layer's `forward` reads it from there, so the backend object holds
 no per-forward state. Decodes run as one padded, masked SDPA call; extends run one SDPA call per
-request (the causal mask is aligned to the cached prefix).
+request (the causal mask is aligned to the cached prefix), in the 4-D layout of the fused kernel.
 """
 
 from __future__ import annotations
@@ -112,17 +112,25 @@ class TorchAttentionBackend:
             o[d.token_index] = out
         if o is None:
             o = torch.empty_like(q)
-        gqa = layer.num_heads != layer.num_kv_heads
         for s in plan.extends:
-            qs = q[s.start : s.end].transpose(0, 1)  # [H, ext, D]
-            ks = k_buf.index_select(0, s.slots).transpose(0, 1)  # [Hkv, seq, D]
-            vs = v_buf.index_select(0, s.slots).transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                qs.to(ks.dtype), ks, vs, attn_mask=s.mask, is_causal=s.mask is None,
-                scale=layer.scaling, enable_gqa=gqa,
-            )
-            o[s.start : s.end] = out.transpose(0, 1).to(q.dtype)
+            o[s.start : s.end] = self._extend(q[s.start : s.end], k_buf, v_buf, layer, s)
         return o
+
+    @staticmethod
+    def _extend(q, k_buf, v_buf, layer: Attention, s: _ExtendSeq) -> torch.Tensor:
+        """q [ext, H, D] -> [ext, H, D]: one request's new tokens over its prefix and themselves.
+
+        SDPA gets 4-D (1, heads, seq, dim) tensors: only that layout reaches torch's fused CPU
+        kernel (flash attention for CPU, which also takes the additive prefix mask and GQA); 3-D
+        inputs fall back to the unfused reference path, several times slower at prefill sizes."""
+        qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, ext, D]
+        ks = k_buf.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, seq, D]
+        vs = v_buf.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            qs.to(ks.dtype), ks, vs, attn_mask=s.mask, is_causal=s.mask is None,
+            scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads,
+        )
+        return out[0].transpose(0, 1).to(q.dtype)
 
     @staticmethod
     def _decode(q, k_buf, v_buf, layer: Attention, d: _DecodeGroup) -> torch.Tensor:

@@ -37,6 +37,8 @@ class TreeNode:
 
 def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the usual case (a whole edge matches), compared in C
+        return n
     i = 0
     while i < n and a[i] == b[i]:
         i += 1

@@ -87,7 +87,7 @@ class ModelRunner:
         elif not self.model.uses_kv_cache:
             # Encoders keep no K/V: slots only meter how many tokens one batch may hold, so a
             # few prefill batches' worth is plenty (and costs no memory the model never uses).
-            size = 4 * max(args.max_prefill_tokens, mc.context_len)
+            size = 4 * max(args.prefill_token_budget(self.device.type), mc.context_len)
         else:
             fraction = args.mem_fraction_static or (0.88 if self.device.type == "cuda" else 0.25)
             size = profile_max_num_tokens(free_before, self.weight_bytes, fraction, per_token)

@@ -1,16 +1,17 @@
 """Turning scheduled requests into a ForwardBatch, and a batch's logits into next tokens.
 
 `prepare_extend` gives each request a req_to_token row and KV slots for its `fill_ids[prefix_len:]`
-and writes them into `req_to_token[row, prefix_len:seq_len]`; `prepare_decode` adds one slot per
-running request. `sample_next_ids` runs the batched sampler over logits that are already exactly
-`[bs, vocab_size]` (the logits processor is the one place that slices to the vocabulary);
-`sample_each` falls back to one request at a time when the batched pass raises.
+and writes them into `req_to_token[row, prefix_len:seq_len]` (in a mixed batch, running requests'
+decode tokens follow); `prepare_decode` adds one slot per running request. `sample_next_ids` runs
+the batched sampler over logits that are already exactly `[bs, vocab_size]` (the logits processor
+is the one place that slices to the vocabulary); `sample_each` falls back to one request at a time
+when the batched pass raises.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,8 +22,10 @@ from nlcli.engine.scheduler.cache import KVMemory
 from nlcli.engine.scheduler.req import Req
 
 
-def prepare_extend(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
-    """Rows and slots for each request's `fill_ids[prefix_len:]`; returns the forward batch."""
+def prepare_extend(mem: KVMemory, reqs: list[Req], decoding: Sequence[Req] = ()) -> ForwardBatch:
+    """Rows and slots for each request's `fill_ids[prefix_len:]`; returns the forward batch.
+    `decoding` (a mixed batch): running requests that add their last sampled token in the same
+    forward, after the extends (their logits rows follow the extends' rows)."""
     need_rows = [r for r in reqs if r.req_pool_idx is None]
     if need_rows:
         rows = mem.alloc_rows(len(need_rows))
@@ -30,7 +33,7 @@ def prepare_extend(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
             raise RuntimeError("req_to_token pool exhausted (max_running_requests too high)")
         for r, row in zip(need_rows, rows):
             r.req_pool_idx = int(row)
-    total = sum(r.extend_len for r in reqs)
+    total = sum(r.extend_len for r in reqs) + len(decoding)
     out_cache_loc = mem.alloc_slots(total)
     if out_cache_loc is None:
         raise RuntimeError(f"KV pool cannot hold {total} new tokens")
@@ -43,10 +46,12 @@ def prepare_extend(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
         r2t[row, pre: pre + ext] = out_cache_loc[start: start + ext].to(r2t.device)
         r.kv_len = pre + ext
         start += ext
+    decode_lens = _add_decode_slots(mem, decoding, out_cache_loc[start:]) if decoding else []
     fb = ForwardBatch.create(
-        input_ids=[r.fill_ids[r.prefix_len:] for r in reqs],
-        prefix_lens=[r.prefix_len for r in reqs],
-        req_pool_indices=[r.req_pool_idx for r in reqs],
+        input_ids=([r.fill_ids[r.prefix_len:] for r in reqs]
+                   + [[r.output_ids[-1]] for r in decoding]),
+        prefix_lens=[r.prefix_len for r in reqs] + decode_lens,
+        req_pool_indices=[r.req_pool_idx for r in reqs] + [r.req_pool_idx for r in decoding],
         out_cache_loc=out_cache_loc,
         device=mem.device,
         return_all_logits=any(r.return_all_logits for r in reqs),
@@ -63,21 +68,27 @@ def prepare_decode(mem: KVMemory, reqs: list[Req]) -> ForwardBatch:
     out_cache_loc = mem.alloc_slots(len(reqs))
     if out_cache_loc is None:
         raise RuntimeError("KV pool cannot hold one decode step (retraction should have run)")
-    r2t = mem.req_to_token
-    rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=r2t.device)
-    cols = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64, device=r2t.device)
-    r2t[rows, cols] = out_cache_loc.to(r2t.device)
-    batch = ForwardBatch.create(
+    return ForwardBatch.create(
         input_ids=[[r.output_ids[-1]] for r in reqs],
-        prefix_lens=[r.kv_len for r in reqs],
+        prefix_lens=_add_decode_slots(mem, reqs, out_cache_loc),
         req_pool_indices=[r.req_pool_idx for r in reqs],
         out_cache_loc=out_cache_loc,
         device=mem.device,
     )
+
+
+def _add_decode_slots(mem: KVMemory, reqs: Sequence[Req], loc: torch.Tensor) -> list[int]:
+    """Write one new slot per request at column kv_len of its row; returns the old kv_lens (the
+    prefix each decode token attends over besides itself)."""
+    r2t = mem.req_to_token
+    lens = [r.kv_len for r in reqs]
+    rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=r2t.device)
+    cols = torch.tensor(lens, dtype=torch.int64, device=r2t.device)
+    r2t[rows, cols] = loc.to(r2t.device)
     for r in reqs:
         r.kv_len += 1
         r.fill_ids = r.all_ids
-    return batch
+    return lens
 
 
 def sample_next_ids(logits: torch.Tensor, reqs: list[Req], vocab_size: int,

@@ -1,8 +1,10 @@
 """KVMemory: the scheduler's view of the runner's pools plus the radix cache that sits on them.
 
 Owns the per-request memory plan: matching and locking a request's cached prefix, allocating KV
-slots (evicting unlocked radix leaves when the allocator runs short), and, when a request finishes,
-is chunked or is retracted, inserting what it computed into the radix cache and freeing the rest.
+slots (evicting unlocked radix leaves when the allocator runs short), inserting what a request
+computed into the radix cache as soon as its prefill (or prefill chunk) is written, so requests
+that arrive together reuse it, and, when a request finishes or is retracted, inserting the rest
+and freeing what the tree does not keep.
 Books invariant (checked when idle): free + evictable + protected slots == pool size.
 """
 
@@ -141,8 +143,13 @@ class KVMemory:
         self.unlock_prefix(req)
         req.req_pool_idx, req.kv_len, req.fill_ids = None, 0, []
 
-    def cache_chunk(self, req: Req) -> None:
-        """After a non-final prefill chunk: put the chunk in the tree and lock it as the prefix."""
+    def cache_prefill(self, req: Req) -> None:
+        """After a prefill forward (a chunk or the whole prompt): put what `req` has written into
+        the tree at once, so requests admitted from the next step on reuse it, and lock it as the
+        request's prefix (the old lock is released after the new one is taken, so the shared path
+        never becomes evictable in between). Where the tree already held some of these tokens
+        (another request computed them meanwhile), our copies are freed and the row points at
+        the tree's slots instead."""
         row = req.req_pool_idx
         req.kv_len = len(req.fill_ids)
         kv = self.req_to_token[row, : req.kv_len].to("cpu", torch.int64)
@@ -151,11 +158,11 @@ class KVMemory:
             return
         old_len = req.prefix_len
         shared = self.tree.insert(req.fill_ids, kv)
+        new_prefix, new_node = self.tree.match_prefix(req.fill_ids)
         if shared > old_len:
             self.allocator.free(kv[old_len:shared])
-        new_prefix, new_node = self.tree.match_prefix(req.fill_ids)
-        self.req_to_token[row, old_len: len(new_prefix)] = new_prefix[old_len:].to(
-            self.req_to_token.device)
+            self.req_to_token[row, old_len:shared] = new_prefix[old_len:shared].to(
+                self.req_to_token.device)
         self.tree.inc_lock_ref(new_node)
         self.tree.dec_lock_ref(req.last_node)
         req.prefix_indices, req.last_node = new_prefix, new_node

@@ -37,7 +37,7 @@ def finish_embedding_batch(batch_reqs: list[Req], out: EmbeddingPoolerOutput, me
     done = [i for i, r in enumerate(batch_reqs) if not r.is_chunked]
     for r in batch_reqs:
         if r.is_chunked:
-            mem.cache_chunk(r)
+            mem.cache_prefill(r)
     if not done:
         return
     vectors = out.embeddings[done].float().cpu().tolist()

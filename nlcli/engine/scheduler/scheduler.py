@@ -1,12 +1,14 @@
 """Scheduler: the engine process's loop body. Receive, choose prefill or decode, step.
 
 Each `step()` runs a prefill ("extend") batch admitted by the schedule policy, else a decode batch
-of every running request; new requests join between steps (continuous batching). When a decode
-step cannot get one slot per request, the newest requests are retracted to the front of the queue
-and later re-prefilled from prompt + output so far (greedy output is unchanged). Its parts are
-owned objects: `KVMemory` (cache.py), `OutputProcessor` (output.py: appends, finish checks, emits,
-the live-request table), `SchedulerBooks` (books.py), `GrammarQueue` (grammar_queue.py) and
-`StepControl` (control.py: when a weight update may run, /pause_generation's pause).
+of every running request; new requests join between steps (continuous batching). With mixed chunk
+(`ServerArgs.mixed_chunk`, on for CPU) running requests' decode tokens ride in prefill forwards.
+When a decode step cannot get one slot per request, the newest requests are retracted to the front
+of the queue and later re-prefilled from prompt + output so far (greedy output is unchanged). Its
+parts are owned objects: `RequestIntake` (intake.py), `KVMemory` (cache.py), `OutputProcessor`
+(output.py: appends, finish checks, emits, the live-request table), `SchedulerBooks` (books.py),
+`GrammarQueue` (grammar_queue.py), `RequestLimits` (timeouts.py) and `StepControl` (control.py:
+when a weight update may run, /pause_generation's pause).
 `NL_TEST_RETRACT=1` forces a retraction of the newer half of the batch every third decode step.
 """
 
@@ -19,12 +21,10 @@ from collections import deque
 from typing import Callable, Optional
 
 from nlcli.engine.configs.model_source import resolve_model_source
-from nlcli.engine.detokenizer import StopChecker
 from nlcli.engine.io_struct import (AbortReq, FlushCacheReq, FlushCacheReqOutput,
                                     GenerationControlReq, Heartbeat, TokenizedGenerateReqInput,
                                     UpdateWeightReq)
-from nlcli.engine.limits import check_input_len
-from nlcli.engine.sampling.custom_logit_processor import load_processor
+from nlcli.engine.scheduler.abort import abort_requests
 from nlcli.engine.scheduler.batch import prepare_decode, prepare_extend
 from nlcli.engine.scheduler.books import SchedulerBooks
 from nlcli.engine.scheduler.cache import KVMemory
@@ -32,11 +32,13 @@ from nlcli.engine.scheduler.control import StepControl
 from nlcli.engine.scheduler.embedding import (finish_embedding_batch, is_embedding_output,
                                               takes_whole_inputs)
 from nlcli.engine.scheduler.grammar_queue import GrammarQueue
+from nlcli.engine.scheduler.intake import RequestIntake
 from nlcli.engine.scheduler.logprobs import collect_input_logprobs
 from nlcli.engine.scheduler.output import OutputProcessor
-from nlcli.engine.scheduler.policy import NewTokenRatio, PrefillAdder, admit_prefill
+from nlcli.engine.scheduler.policy import (NewTokenRatio, PrefillAdder, admit_prefill, retract,
+                                           retract_for_decode)
 from nlcli.engine.scheduler.req import Req
-from nlcli.engine.scheduler.timeouts import QUEUE_FULL_MESSAGE, TIMEOUT_STATUS, RequestLimits
+from nlcli.engine.scheduler.timeouts import RequestLimits
 from nlcli.engine.scheduler.weight_update import apply_weight_update
 
 logger = logging.getLogger("nlcli.scheduler")
@@ -62,8 +64,15 @@ class Scheduler:
                                           sorted(eos_ids))
         rows = int(runner.req_to_token_pool.available_size())
         self.max_running_requests = min(server_args.max_running_requests or rows, rows)
+        self.max_prefill_tokens = server_args.prefill_token_budget(runner.device.type)
+        # Encoders' requests never decode, so there is nothing to mix in.
+        self.mixed_chunk = server_args.mixed_chunk(runner.device.type) and not self.whole_inputs
         self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
         self.limits = RequestLimits(server_args)  # deadlines, queue cap, admission clip
+        self.intake = RequestIntake(  # builds and checks each new request
+            self.limits, context_len=self.context_len, pool_size=self.mem.size,
+            vocab_size=int(cfg.vocab_size), tokenizer=lambda: self.tokenizer,
+            custom_logit_processors=server_args.enable_custom_logit_processor)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
@@ -94,33 +103,16 @@ class Scheduler:
                 self._abort(AbortReq(abort_all=True, message="Abort request"))
                 self._reap_aborted()
             elif msg.pause and msg.mode == "retract" and self.running:
-                self._retract(list(self.running))
+                self._count_retracted(retract(list(self.running), self.running, self.waiting,
+                                              self.mem))
             self.control.apply(msg, len(self.outputs.live()))
         else:
             logger.warning("scheduler: unknown message %r", type(msg).__name__)
 
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
-        req = Req(msg.rid, msg.input_ids, msg.sampling_params, stream=msg.stream,
-                  return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
-                  top_logprobs_num=msg.top_logprobs_num,
-                  custom_logit_processor=msg.custom_logit_processor,
-                  token_type_ids=msg.token_type_ids, token_ids_logprob=msg.token_ids_logprob)
-        try:  # the API process rejects these with a 400; this guards direct callers
-            check_input_len(len(req.origin_input_ids), self.context_len, self.mem.size)
-            req.sampling_params.verify_token_ids(self.outputs.vocab_size)
-            if req.custom_logit_processor:
-                req.logit_processor = load_processor(req.custom_logit_processor,
-                                                     self.args.enable_custom_logit_processor)
-        except ValueError as e:
-            return self.outputs.refuse(req, str(e))
-        if req.sampling_params.stop or req.sampling_params.stop_regex:
-            try:
-                req.stop_checker = StopChecker(self.tokenizer, req.origin_input_ids,
-                                               req.sampling_params)
-            except Exception as e:  # no usable tokenizer in the engine
-                return self.outputs.refuse(req, f"Stop strings are unavailable: {e}")
-        if self.limits.queue_full(len(self.waiting) + len(self.grammar_queue)):
-            return self.outputs.refuse(req, QUEUE_FULL_MESSAGE, TIMEOUT_STATUS)
+        req, refused = self.intake.build(msg, len(self.waiting) + len(self.grammar_queue))
+        if refused is not None:
+            return self.outputs.refuse(req, *refused)
         self.outputs.track(req)
         self.books.checked = False
         if req.sampling_params.grammar is not None and req.max_new_tokens != 0:
@@ -129,18 +121,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def _abort(self, msg: AbortReq) -> None:
-        found = None if msg.abort_all else self.outputs.find(msg.rid)
-        for req in self.outputs.live() if msg.abort_all else [found] if found else []:
-            queued = req in self.waiting
-            if queued or self.grammar_queue.remove(req):
-                if queued:
-                    logger.info("Abort queued request. req.rid=%s", req.rid)
-                    self.waiting.remove(req)
-                req.finish_abort("Abort in waiting queue")
-                self.outputs.finish([req])
-            else:
-                logger.info("Abort running request. req.rid=%s", req.rid)
-                req.to_abort = msg.message
+        abort_requests(msg, self.outputs, self.waiting, self.grammar_queue)
 
     # ---- choose and step -------------------------------------------------------------------
     @property
@@ -189,24 +170,28 @@ class Scheduler:
             r.finish_abort(r.to_abort)
         self.outputs.finish(gone)
 
-    def _admit_prefill(self) -> list[Req]:
-        """The next prefill batch (none: decode instead); updates the chunked request."""
+    def _admit_prefill(self) -> tuple[list[Req], list[Req]]:
+        """The next prefill batch (none: decode instead) and the running requests that decode in
+        the same forward; updates the chunked request."""
+        # Mixed batch: running requests take one token each of the budget, if that leaves most.
+        mixing = self.mixed_chunk and 0 < len(self.running) <= self.max_prefill_tokens // 2
         adder = PrefillAdder(
             self.mem, self.running + ([self.chunked_req] if self.chunked_req else []),
-            max_prefill_tokens=self.args.max_prefill_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
             chunked_prefill_size=-1 if self.whole_inputs else self.args.chunked_prefill_size,
             max_running_requests=self.max_running_requests,
             new_token_ratio=self.new_token_ratio.value, context_len=self.context_len,
-            clip_max_new_tokens=self.limits.clip_max_new_tokens)
+            clip_max_new_tokens=self.limits.clip_max_new_tokens,
+            mixed_decodes=len(self.running) if mixing else 0)
         batch, self.chunked_req = admit_prefill(adder, self.chunked_req, list(self.waiting),
                                                 self.args.schedule_policy)
-        return batch
+        return batch, list(self.running) if mixing and batch else []
 
     def _run_prefill(self) -> bool:
         if not self.waiting and self.chunked_req is None:
             return False
         continuing = self.chunked_req
-        batch = self._admit_prefill()
+        batch, decoding = self._admit_prefill()
         if not batch:
             return False
         new = [r for r in batch if r is not continuing]
@@ -214,22 +199,29 @@ class Scheduler:
         for r in new:
             self.waiting.remove(r)
             r.started_at = r.started_at or now  # --running-timeout counts from the first prefill
-        fb = prepare_extend(self.mem, batch)
+        fb = prepare_extend(self.mem, batch, decoding)
         cached = sum(r.prefix_len for r in new)
-        self.books.count_prefill(fb.num_tokens, cached)
+        new_tokens = fb.num_tokens - len(decoding)
+        self.books.count_prefill(new_tokens, cached)
         out = self.runner.forward(fb)
         if is_embedding_output(out):  # an embedding or reward model: nothing to decode
             finish_embedding_batch(batch, out, self.mem, self.outputs)
         else:
-            if fb.return_all_logits:
+            if fb.return_all_logits:  # decode rows, if any, follow the extends' rows
                 collect_input_logprobs(batch, fb.extend_lens_cpu, out.all_logits)
             done = [i for i, r in enumerate(batch) if not r.is_chunked]
+            rows = done + list(range(len(batch), len(batch) + len(decoding)))
+            if rows:
+                self._append_tokens([batch[i] for i in done] + decoding, out.next_token_logits,
+                                    rows)
+            # Into the radix cache now, so sharers admitted next step reuse it; after sampling,
+            # so a request that failed there (row gone) has its KV discarded, not cached.
             for r in batch:
-                if r.is_chunked:
-                    self.mem.cache_chunk(r)
-            if done:
-                self._append_tokens([batch[i] for i in done], out.next_token_logits, done)
-        self.books.log_prefill(len(batch), fb.num_tokens, cached, len(self.running),
+                if r.req_pool_idx is not None and (r.is_chunked or self.mem.caching):
+                    self.mem.cache_prefill(r)
+            if decoding:
+                self.new_token_ratio.decay()
+        self.books.log_prefill(len(batch), new_tokens, cached, len(self.running),
                                len(self.waiting) + bool(self.chunked_req))
         return True
 
@@ -256,29 +248,20 @@ class Scheduler:
     # ---- retraction ------------------------------------------------------------------------
     def _maybe_retract(self) -> None:
         forced = self.force_retract and len(self.running) > 1 and self.books.decode_steps % 3 == 0
-        if forced:
-            victims = sorted(self.running, key=lambda r: r.arrival)[len(self.running) // 2:]
-            self._retract(victims)
-        while len(self.running) > 1 and self.mem.available() < len(self.running):
-            self._retract([max(self.running, key=lambda r: r.arrival)])
-        if self.running and self.mem.available() < len(self.running):
-            lone = self.running[0]
-            lone.finish_abort(f"The KV cache pool ({self.mem.size} tokens) is full; "
-                              f"the request cannot grow past {lone.kv_len} tokens.")
+        retracted, stuck = retract_for_decode(self.running, self.waiting, self.mem, forced)
+        self._count_retracted(retracted)
+        if stuck is not None:
+            stuck.finish_abort(f"The KV cache pool ({self.mem.size} tokens) is full; "
+                               f"the request cannot grow past {stuck.kv_len} tokens.")
             self.running = []
-            self.outputs.finish([lone])
+            self.outputs.finish([stuck])
 
-    def _retract(self, victims: list[Req]) -> None:
-        for r in sorted(victims, key=lambda r: r.arrival, reverse=True):
-            self.running.remove(r)
-            self.mem.release(r)
-            r.num_retractions += 1
-            r.queued_at = time.monotonic()
-            self.waiting.appendleft(r)
-        self.books.count_retractions(len(victims))
-        self.new_token_ratio.after_retraction()
-        logger.info("Retract requests. #retracted: %d, #running-req: %d, #queue-req: %d",
-                    len(victims), len(self.running), len(self.waiting))
+    def _count_retracted(self, n: int) -> None:
+        if n:  # admission was too optimistic: expect more of the remaining budget to be used
+            self.books.count_retractions(n)
+            self.new_token_ratio.after_retraction()
+            logger.info("Retract requests. #retracted: %d, #running-req: %d, #queue-req: %d",
+                        n, len(self.running), len(self.waiting))
 
     # ---- failures, cache and books ---------------------------------------------------------
     def fail_in_flight(self, error: str) -> int:
