@@ -12,12 +12,15 @@ How the walks fail on an unwired addition:
   honoured or unsupported; a new `foo: int = 0` on CompletionRequest is in neither and fails
   `test_every_v1_model_field_is_classified`. Each honoured field must also be read by the /v1 code
   (`req.foo` or the name in a key tuple), or `test_honoured_v1_fields_are_read` fails.
-- flags: a new ServerArgs field that no module outside args.py reads, and that is neither in the
-  compatibility group nor restricted with `only`, fails `test_every_flag_is_read_or_compat`.
+- flags: a new ServerArgs field that no module outside args.py reads (nor a ServerArgs method the
+  engine calls: the device-dependent defaults, the secrets' `<name>_file` read by with_secrets),
+  and that is neither in the compatibility group nor restricted with `only`, fails
+  `test_every_flag_is_read_or_compat`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import pathlib
@@ -111,13 +114,27 @@ def _reads(field: str, code: str) -> bool:
     return re.search(rf"\b(args|server_args|self\.args|a)\.{field}\b|\"{field}\"", code) is not None
 
 
+def _server_args_methods() -> str:
+    """The source of ServerArgs' methods (not its field definitions, which name every flag)."""
+    src = (ROOT / "nlcli" / "engine" / "args.py").read_text()
+    cls = next(n for n in ast.parse(src).body
+               if isinstance(n, ast.ClassDef) and n.name == "ServerArgs")
+    return "\n".join(ast.get_source_segment(src, n) for n in cls.body
+                     if isinstance(n, ast.FunctionDef))
+
+
 def test_every_flag_is_read_or_compat():
     code = "\n".join(p.read_text() for p in (ROOT / "nlcli").rglob("*.py")
                      if p.name != "args.py")
+    methods = _server_args_methods()
+    secrets = {f.name for f in dataclasses.fields(ServerArgs) if f.metadata.get("secret")}
     for f in dataclasses.fields(ServerArgs):
         if f.metadata.get("group") == COMPAT_GROUP or "only" in f.metadata:
             continue
-        assert _reads(f.name, code), f"--{f.name.replace('_', '-')} is neither read nor compat-only"
+        by_method = re.search(rf"\bself\.{f.name}\b", methods) or (
+            f.name.endswith("_file") and f.name[:-5] in secrets and 'name + "_file"' in methods)
+        assert _reads(f.name, code) or by_method, \
+            f"--{f.name.replace('_', '-')} is neither read nor compat-only"
 
 
 def test_refused_flags():
