@@ -244,11 +244,10 @@ class TokenizerManager:
     def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
         """Validate all items first (a bad one rejects the whole batch), then send them."""
         self.check_accepting()
-        allow_processors = self.args.enable_custom_logit_processor
-        return self.submit_tokenized([prepare_generate(it, stream, self.tokenizer, self.ready,
-                                                       self.context_len, self.pool_size,
-                                                       allow_processors)
-                                      for it in items])
+        prepared = [prepare_generate(it, stream, self.tokenizer, self.ready, self.context_len,
+                                     self.pool_size, self.args.enable_custom_logit_processor)
+                    for it in items]
+        return self.submit_tokenized(prepared)
 
     async def next_output(self, st: ReqState) -> dict:
         out = await st.queue.get()

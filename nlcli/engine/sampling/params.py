@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-import struct
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
+
+from nlcli.engine.sampling.coerce import FLOAT32_MAX, as_float32, coerce, show
 
 # Caps that keep one request from monopolising a step or the detokenizer (stated in the README).
 MAX_N = 64
@@ -69,7 +70,7 @@ class SamplingParams:
         if d is None:
             return cls()
         if not isinstance(d, dict):
-            raise ValueError(f"sampling_params must be an object, got {_show(d)}.")
+            raise ValueError(f"sampling_params must be an object, got {show(d)}.")
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
@@ -84,7 +85,7 @@ class SamplingParams:
         for name, value in list(kwargs.items()):
             if value is None and name != "max_new_tokens":
                 del kwargs[name]  # an explicit null means the default
-        return cls(**{k: _coerce(k, v) for k, v in kwargs.items()})
+        return cls(**{k: coerce(k, v) for k, v in kwargs.items()})
 
     # ------------------------------------------------------------------ derived views
 
@@ -211,102 +212,3 @@ def _verify_stop_regex(patterns: list[str]) -> None:
             re.compile(p)
         except (re.error, RecursionError, OverflowError) as e:
             raise ValueError(f"invalid stop_regex {p!r}: {e}") from None
-
-
-# ---------------------------------------------------------------------- type coercion
-
-_INT = {"max_new_tokens", "min_new_tokens", "top_k", "n", "seed"}
-_FLOAT = {
-    "temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
-}
-_BOOL = {"ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"}
-_STR = {"regex", "ebnf"}
-
-
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def as_float32(v: float) -> float:
-    """`v` rounded to float32 as the sampler's tensors hold it (inf past FLOAT32_MAX)."""
-    try:
-        return struct.unpack("f", struct.pack("f", v))[0]
-    except OverflowError:  # an int too large for any float
-        return math.copysign(math.inf, v)
-
-
-def _show(v: Any) -> str:
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-def _as_int(name: str, v: Any) -> int:
-    # JSON has one number type; 5.0 is the integer 5, 5.5 and true are not.
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be an integer, got {_show(v)}.")
-    if isinstance(v, float):
-        if not math.isfinite(v) or v != int(v):
-            raise ValueError(f"{name} must be an integer, got {_show(v)}.")
-        v = int(v)
-    return v
-
-
-def _as_float(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number, got {_show(v)}.")
-    try:
-        finite = math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
-        raise ValueError(f"{name} must be a finite number, got {v}.")
-    return v  # ints kept as given so messages echo the client's own value
-
-
-def _coerce(name: str, v: Any) -> Any:
-    if v is None:
-        return None  # only max_new_tokens keeps an explicit null (unlimited)
-    if name in _INT:
-        return _as_int(name, v)
-    if name in _FLOAT:
-        return _as_float(name, v)
-    if name in _BOOL:
-        if not isinstance(v, bool):
-            raise ValueError(f"{name} must be a boolean, got {_show(v)}.")
-        return v
-    if name in _STR:
-        if not isinstance(v, str):
-            raise ValueError(f"{name} must be a string, got {_show(v)}.")
-        return v
-    if name == "json_schema":
-        if not isinstance(v, str):
-            raise ValueError("json_schema must be a JSON string, not an object.")
-        return v
-    if name == "stop":
-        items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"stop must be a string or a list of strings, got {_show(v)}.")
-        return list(items)
-    if name == "stop_regex":
-        items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"stop_regex must be a string or a list of strings, got {_show(v)}.")
-        return list(items)
-    if name == "stop_token_ids":
-        if not isinstance(v, list):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {_show(v)}.")
-        return [_as_int("stop_token_ids", t) for t in v]
-    if name == "custom_params":
-        if not isinstance(v, dict):
-            raise ValueError(f"custom_params must be an object, got {_show(v)}.")
-        return v
-    if name == "logit_bias":
-        if not isinstance(v, dict):
-            raise ValueError(f"logit_bias must be an object, got {_show(v)}.")
-        out: dict[int, float] = {}
-        for k, b in v.items():
-            try:
-                tid = int(k)  # JSON object keys arrive as strings
-            except (TypeError, ValueError):
-                raise ValueError(f"logit_bias keys must be token ids, got {_show(k)}.") from None
-            out[tid] = float(_as_float("logit_bias", b))
-        return out
-    return v
