@@ -17,8 +17,10 @@ ENCODER_CONFIG = dict(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_a
 
 
 def _config(arch: str):
-    if arch in ("BertModel", "RobertaModel", "XLMRobertaModel"):
-        return getattr(transformers, arch.replace("Model", "Config"))(**ENCODER_CONFIG)
+    encoder = arch.replace("ForSequenceClassification", "Model")
+    if encoder in ("BertModel", "RobertaModel", "XLMRobertaModel"):  # cross-encoders too
+        return getattr(transformers, encoder.replace("Model", "Config"))(num_labels=1,
+                                                                         **ENCODER_CONFIG)
     family = next(f for f in ("Llama", "Mistral", "Qwen2", "Qwen3") if arch.startswith(f))
     cfg = tiny_config(family.lower(), 96)
     cfg.num_labels = 2
@@ -42,11 +44,13 @@ def test_every_model_defines_the_engine_attributes(arch, is_embedding):
     assert isinstance(model.uses_kv_cache, bool)
     assert model.max_positions is None or isinstance(model.max_positions, int)
     assert model.pooler is None or isinstance(model.pooler, Pooler)
-    encoder = arch in ("BertModel", "RobertaModel", "XLMRobertaModel")
+    encoder = arch.replace("ForSequenceClassification", "Model") in (
+        "BertModel", "RobertaModel", "XLMRobertaModel")
     assert model.uses_kv_cache is not encoder
     assert (model.max_positions is not None) is encoder
-    # Embedders pool; generators and score heads read the last token without a pooler.
-    pools = is_embedding and "SequenceClassification" not in arch
+    # Embedders and cross-encoders (CLS into the classifier) pool; generators and decoder score
+    # heads read the last token without a pooler.
+    pools = is_embedding and ("SequenceClassification" not in arch or encoder)
     assert (model.pooler is not None) is pools
     assert takes_whole_inputs(model) is (encoder or (
         pools and model.pooler.pooling is not PoolingType.LAST))

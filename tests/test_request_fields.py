@@ -30,6 +30,7 @@ import re
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 import nlcli.engine.api as api_pkg
 from nlcli.engine.api.native_input import parse_generate
@@ -121,6 +122,32 @@ def _server_args_methods() -> str:
                if isinstance(n, ast.ClassDef) and n.name == "ServerArgs")
     return "\n".join(ast.get_source_segment(src, n) for n in cls.body
                      if isinstance(n, ast.FunctionDef))
+
+
+def test_every_parsed_request_model_refuses_what_it_ignores():
+    """Every model a route hands to `parse_request` either keeps unknown keys for a field policy
+    (a RequestModel, walked above) or forbids them outright (a 400). A new route whose model
+    ignored extras (pydantic's default) would fail here."""
+    _all_request_models()  # imports every api module, so each model class exists
+    names = set()
+    for path in pathlib.Path(api_pkg.__path__[0]).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "parse_request"
+                    and len(node.args) == 2):
+                arg = node.args[1]
+                name = arg.attr if isinstance(arg, ast.Attribute) else getattr(arg, "id", "")
+                if name[:1].isupper():  # a class, not a helper's `model` parameter
+                    names.add(name)
+    assert names >= {"TokenizeRequest", "ScoringRequest", "RerankRequest", "ResponsesRequest"}
+    by_name = {}
+    todo = [BaseModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            by_name.setdefault(sub.__name__, sub)
+    lax = sorted(n for n in names if not issubclass(by_name[n], RequestModel)
+                 and by_name[n].model_config.get("extra") != "forbid")
+    assert lax == []
 
 
 def test_every_flag_is_read_or_compat():

@@ -166,7 +166,9 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
         where = lambda err: ".".join(str(x) for x in err["loc"]) or "body"  # noqa: E731
         text = "; ".join(f"{where(err)}: {err['msg']}" for err in errs[:3])
         raise BadRequest(f"Invalid request: {text}", where(errs[0]) if errs else None) from None
-    found = field_policy(model).problem(sent_fields(req))
+    # A RequestModel keeps unknown keys for its policy to judge; any other model forbids them
+    # (extra="forbid", a 400 above), so nothing a client sends is silently ignored.
+    found = field_policy(model).problem(sent_fields(req)) if issubclass(model, RequestModel) else None
     if found is not None:
         raise BadRequest(found[1], found[0])
     return req

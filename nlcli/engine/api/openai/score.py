@@ -27,7 +27,7 @@ from nlcli.engine.api.openai.serving import OpenAIServing
 
 
 class ScoringRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     query: Optional[Union[str, list[int]]] = None
     items: Optional[Union[str, list[str], list[list[int]]]] = None
