@@ -13,42 +13,10 @@ import httpx
 import pytest
 import torch
 
-from tests.test_scheduler_fakes import LiveServer
-from tests.tiny_models import build_tiny_model
+# The same tiny Llama, server flags and transformers reference as the logprob tests.
+from tests.test_server_logprobs import TOL, hf, model_dir, ref_logprobs, server  # noqa: F401
 
 pytestmark = pytest.mark.slow  # one server start per module
-
-TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("llama", str(tmp_path_factory.mktemp("tiny_ids")))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    srv = LiveServer(str(tmp_path_factory.mktemp("srv_ids")), [
-        "--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096",
-        "--chunked-prefill-size", "16", "--context-length", "512"], model_path=model_dir)
-    yield srv
-    srv.stop()
-    assert "leak" not in srv.log()
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
-
-
-def ref_logprobs(hf, ids):
-    """[len(ids), vocab] log-softmax: row i is the distribution of token i+1."""
-    with torch.no_grad():
-        logits = hf[0](torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
 
 
 def post(server, body, route="/generate"):
