@@ -12,3 +12,15 @@ def check_input_len(num_tokens: int, context_len: int, pool_size: int) -> None:
     if num_tokens >= pool_size:
         raise ValueError(f"The input ({num_tokens} tokens) is longer than the KV cache pool "
                          f"({pool_size} tokens).")
+
+
+# Engine requests one HTTP request may ask for (prompts x n): n alone is capped at MAX_N (64).
+MAX_GENERATIONS_PER_REQUEST = 256
+
+
+def check_generations(num_prompts: int, n: int) -> None:
+    """ValueError when one request asks for more engine requests than MAX_GENERATIONS_PER_REQUEST."""
+    if num_prompts * n > MAX_GENERATIONS_PER_REQUEST:
+        raise ValueError(f"The request asks for {num_prompts * n} generations ({num_prompts} "
+                         f"prompt(s) x n={n}); at most {MAX_GENERATIONS_PER_REQUEST} are allowed "
+                         "per request.")

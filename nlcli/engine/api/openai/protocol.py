@@ -16,6 +16,8 @@ from typing import Any, Callable, Literal, Optional, Union
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nlcli.engine.sampling.params import MAX_N
+
 # Cap on /v1 `logprobs` / `top_logprobs` (OpenAI's own limits are 5 and 20).
 MAX_TOP_LOGPROBS = 20
 
@@ -159,8 +161,8 @@ def sampling_dict(req: Any, max_tokens: Optional[int]) -> dict:
         raise BadRequest(f"max_tokens must be at least 0, got {max_tokens}.", "max_tokens")
     if req.min_tokens < 0 or (max_tokens is not None and req.min_tokens > max_tokens):
         raise BadRequest(f"min_tokens must be in [0, max_tokens], got {req.min_tokens}.", "min_tokens")
-    if req.n < 1:
-        raise BadRequest(f"n must be at least 1, got {req.n}.", "n")
+    if not 1 <= req.n <= MAX_N:  # before anything is expanded
+        raise BadRequest(f"n must be in [1, {MAX_N}], got {req.n}.", "n")
     sp: dict = {"max_new_tokens": max_tokens, "min_new_tokens": req.min_tokens, "n": req.n}
     for key in _SAMPLING_KEYS:
         if getattr(req, key) is not None:
