@@ -104,6 +104,7 @@ class AppServer:
         ipc = tempfile.mkdtemp(prefix="nl-app-ipc-")
         self.in_addr, self.out_addr = f"ipc://{ipc}/in", f"ipc://{ipc}/out"
         self.tm: Any = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the app's event loop, once serving
         self._server: Optional[uvicorn.Server] = None
         self._engine_stop = threading.Event()
         self._engine = threading.Thread(target=self._run_engine, daemon=True, name="fake-engine")
@@ -153,6 +154,7 @@ class AppServer:
         from nlcli.engine.api.http_server import create_app
         from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
+        self.loop = asyncio.get_running_loop()
         tm = TokenizerManager(self.args, AutoTokenizer.from_pretrained(self.args.model_path),
                               self.in_addr, self.out_addr)
         ready = await tm.wait_ready(self._engine.is_alive, 60)

@@ -6,6 +6,7 @@ strict /v1 types). Runs the real app on the fake engine, in this process (tests/
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -21,6 +22,14 @@ from tests.app_server import AppServer
 def srv():
     with AppServer(step_delay=0.001) as s:
         yield s
+
+
+def on_loop(srv, fn, *args):
+    """Run `fn(*args)` on the app's event loop (its ZMQ sockets belong to that thread)."""
+    async def run():
+        return fn(*args)
+
+    return asyncio.run_coroutine_threadsafe(run(), srv.loop).result(30)
 
 
 def post(srv, path, body, timeout=30.0, **kw) -> httpx.Response:
@@ -96,3 +105,191 @@ def test_too_much_work_is_400_on_every_route(srv):
         assert str(MAX_GENERATIONS_PER_REQUEST) in r.text
     # The server still serves normal requests.
     assert post(srv, "/generate", greedy_body()).status_code == 200
+
+
+# ---- 2. all-or-nothing submission, bounded fields, one error envelope, bounded waits ----------
+def nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def message_of(r: httpx.Response) -> str:
+    body = r.json()
+    return body["error"]["message"] if "error" in body else body["message"]
+
+
+def test_deep_free_form_field_is_400_and_leaves_no_state(srv):
+    for body in (greedy_body(custom_params=nested(600)),
+                 {"text": ["a", "b"], "sampling_params": [{}, {"custom_params": nested(600)}]}):
+        r = post(srv, "/generate", body)
+        assert r.status_code == 400, r.text
+        assert "custom_params" in message_of(r)
+    r = post(srv, "/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": nested(100)}}})
+    assert r.status_code == 400 and r.json()["object"] == "error"
+    assert "response_format" in message_of(r)
+    assert srv.tm.in_flight() == []
+    # A modest nesting is fine.
+    assert post(srv, "/generate", greedy_body(custom_params=nested(20))).status_code == 200
+    # No phantom request: a weight update finishes at once (the fake engine refuses it).
+    t0 = time.perf_counter()
+    r = post(srv, "/update_weights", {"model_path": srv.args.model_path}, timeout=30)
+    assert time.perf_counter() - t0 < 10 and "success" in r.json()
+
+
+def test_big_free_form_field_is_400(srv):
+    from nlcli.engine.limits import MAX_FREE_FORM_BYTES
+
+    r = post(srv, "/generate", greedy_body(custom_params={"k": "x" * (MAX_FREE_FORM_BYTES + 1)}))
+    assert r.status_code == 400 and "custom_params" in message_of(r)
+    r = post(srv, "/v1/completions", {"model": "m", "prompt": "a",
+                                      "regex": "a" * (MAX_FREE_FORM_BYTES + 1)})
+    assert r.status_code == 400 and "regex" in message_of(r)
+
+
+def test_submission_rolls_back_when_sending_fails(srv, monkeypatch):
+    from nlcli.engine.api.native_input import GenItem
+    from nlcli.engine.api.prepare import prepare_generate
+
+    tm = srv.tm
+    items = [GenItem("ab", None, {"max_new_tokens": 4}, f"rb-{i}") for i in range(3)]
+    prepared = [prepare_generate(it, False, tm.tokenizer, tm.ready, tm.context_len, tm.pool_size)
+                for it in items]
+    sent, aborted = [], []
+    real_send = tm.link.send_or_hold
+
+    def flaky(rid, frame):
+        if len(sent) == 2:
+            raise RuntimeError("link broke")
+        sent.append(rid)
+        return real_send(rid, frame)
+
+    monkeypatch.setattr(tm.link, "send_or_hold", flaky)
+    real_abort = tm.link.send
+    monkeypatch.setattr(tm.link, "send", lambda frame: (aborted.append(frame), real_abort(frame)))
+    with pytest.raises(RuntimeError):
+        on_loop(srv, tm.submit_tokenized, prepared)
+    monkeypatch.undo()
+    assert sent == ["rb-0", "rb-1"] and len(aborted) == 2  # what reached the engine is aborted
+    assert all(tm.pending(it.rid) is None for it in items) and tm.in_flight() == []
+    # A message that cannot be pickled registers nothing at all.
+    prepared = [prepare_generate(it, False, tm.tokenizer, tm.ready, tm.context_len, tm.pool_size)
+                for it in items]
+    prepared[2][0].sampling_params.custom_params = nested(5000)
+    with pytest.raises(ValueError, match="nested"):
+        on_loop(srv, tm.submit_tokenized, prepared)
+    assert tm.in_flight() == []
+
+
+def test_unexpected_errors_answer_in_the_envelope(srv, monkeypatch):
+    class Broken:
+        def __getattr__(self, name):
+            raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(srv.tm, "tokenizer", Broken())
+    r = post(srv, "/generate", greedy_body())
+    assert r.status_code == 500 and "tokenizer exploded" in r.json()["error"]["message"]
+    r = post(srv, "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 500, r.text
+    body = r.json()
+    assert body["object"] == "error" and body["code"] == 500 and "tokenizer exploded" in body["message"]
+    monkeypatch.undo()
+    assert srv.tm.in_flight() == []
+    assert post(srv, "/generate", greedy_body()).status_code == 200
+
+
+def test_lost_request_makes_health_503_and_the_update_drain_gives_up(srv, monkeypatch):
+    from nlcli.engine.api import engine_health
+    from nlcli.engine.api.native_input import GenItem
+    from nlcli.engine.api.prepare import prepare_generate
+
+    tm = srv.tm
+    monkeypatch.setattr(engine_health, "WEDGE_AFTER", 1.0)
+    monkeypatch.setattr(engine_health, "HEARTBEAT_MARGIN", 0.2)
+    # The engine never gets this one (lost in transit), though the API process sent it.
+    monkeypatch.setattr(tm.link, "send_or_hold", lambda rid, frame: True)
+    prepared = [prepare_generate(GenItem("ab", None, {"max_new_tokens": 4}, "lost"), False,
+                                 tm.tokenizer, tm.ready, tm.context_len, tm.pool_size)]
+    on_loop(srv, tm.submit_tokenized, prepared)
+    monkeypatch.setattr(tm.link, "send_or_hold", type(tm.link).send_or_hold.__get__(tm.link))
+    deadline = time.monotonic() + 15
+    while httpx.get(srv.url + "/health").status_code == 200:
+        assert time.monotonic() < deadline, "/health stayed 200 while generation was wedged"
+        time.sleep(0.2)
+    t0 = time.perf_counter()
+    r = post(srv, "/update_weights", {"model_path": srv.args.model_path})
+    assert r.status_code == 400 and "progress" in r.json()["message"]
+    assert time.perf_counter() - t0 < 5
+    on_loop(srv, tm.abort, ["lost"])
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert post(srv, "/generate", greedy_body()).status_code == 200
+
+
+def test_is_wedged_needs_an_old_request_no_output_and_an_idle_engine():
+    from nlcli.engine.api.engine_health import is_wedged
+    from nlcli.engine.io_struct import Heartbeat
+
+    idle, busy = Heartbeat(), Heartbeat(num_running_reqs=1)
+    now = 1000.0
+    assert is_wedged([now - 60], idle, now - 1, now - 60, now, after=30)
+    assert not is_wedged([], idle, now - 1, now - 60, now, after=30)  # nothing pending
+    assert not is_wedged([now - 10], idle, now - 1, now - 60, now, after=30)  # sent recently
+    assert not is_wedged([now - 60], busy, now - 1, now - 60, now, after=30)  # engine has it
+    assert not is_wedged([now - 60], idle, now - 1, now - 5, now, after=30)  # output flowing
+    assert not is_wedged([now - 60], idle, now - 59, now - 60, now, after=30)  # beat too early
+
+
+def test_update_drain_has_a_timeout(monkeypatch):
+    from nlcli.engine.api import update_weights
+
+    monkeypatch.setattr(update_weights, "DRAIN_TIMEOUT", 0.5)
+    with AppServer(step_delay=0.05) as slow:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", slow.url + "/generate", json={
+                    "text": "x", "stream": True,
+                    "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}) as stream:
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                next(lines)
+                t0 = time.perf_counter()
+                r = client.post(slow.url + "/update_weights",
+                                json={"model_path": slow.args.model_path})
+                assert r.status_code == 400 and "still running" in r.json()["message"]
+                assert time.perf_counter() - t0 < 5
+            # New requests were held only during the drain: they run now.
+            r = client.post(slow.url + "/generate", json=greedy_body(max_new_tokens=2))
+            assert r.status_code == 200
+
+
+# ---- 3. big inputs never stall the event loop -------------------------------------------------
+def test_big_prompt_is_400_without_stalling_health(srv):
+    import threading
+
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll():
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                assert client.get(srv.url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        big = "word " * (7 * 1024 * 1024 // 5)
+        for path, body in [("/generate", {"text": big}),
+                           ("/v1/completions", {"model": "m", "prompt": big}),
+                           ("/v1/chat/completions", {"model": "m", "messages": [
+                               {"role": "user", "content": big}]})]:
+            r = post(srv, path, body, timeout=60)
+            assert r.status_code == 400, r.text
+            assert "context length" in message_of(r)
+    finally:
+        stop.set()
+        poller.join()
+    assert latencies and max(latencies) < 1.0, max(latencies)

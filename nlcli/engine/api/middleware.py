@@ -1,4 +1,5 @@
-"""The pure-ASGI middleware in front of the app: API key check and request-body size cap.
+"""The pure-ASGI middleware in front of the app: API key check, request-body size cap, and the
+one place an unexpected exception in a route becomes an answer in that API's JSON envelope.
 
 Plain ASGI on purpose, never Starlette's BaseHTTPMiddleware: that one hides `http.disconnect` from
 the routes, and abort-on-disconnect relies on seeing it.
@@ -6,9 +7,15 @@ the routes, and abort-on-disconnect relies on seeing it.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import orjson
+from starlette.requests import ClientDisconnect
+
+from nlcli.engine.api.openai.protocol import error_body
+
+logger = logging.getLogger("nlcli.http")
 
 
 class ApiKeyMiddleware:
@@ -69,3 +76,47 @@ class BodyLimitMiddleware:
 
 class _TooLarge(Exception):
     pass
+
+
+class ErrorEnvelopeMiddleware:
+    """An exception a route lets escape, before it started answering, becomes a JSON error: the
+    native `{"error": {"message"}}` or, under /v1, OpenAI's envelope. 400 when the request
+    itself caused it (nested too deeply to handle), else 500 with the traceback logged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except (ClientDisconnect, _TooLarge):
+            raise  # nobody to answer, or the body cap answers
+        except Exception as e:
+            if started:
+                raise
+            client = isinstance(e, RecursionError)
+            status = 400 if client else 500
+            if client:
+                message = "The request is nested too deeply to be handled."
+            else:
+                logger.exception("Unexpected error in %s %s", scope["method"], scope["path"])
+                message = f"Internal server error ({type(e).__name__}): {e}"
+            if scope["path"].startswith("/v1/"):
+                kind = "BadRequestError" if client else "InternalServerError"
+                body = error_body(message, status, kind)
+            else:
+                body = {"error": {"message": message}}
+            payload = orjson.dumps(body)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})

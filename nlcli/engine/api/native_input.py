@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-from nlcli.engine.limits import check_generations
+from nlcli.engine.limits import check_free_form, check_generations
 from nlcli.engine.sampling.params import MAX_N, MAX_SEED
 
 
@@ -107,6 +107,7 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
     for one in sps:
         if not isinstance(one, dict):
             raise ValueError("sampling_params must be an object or a list of objects.")
+        check_free_form(one)
     # Checked before anything is expanded: n is bounded, then so is prompts x n.
     ns = {_checked_n(one.get("n", 1)) for one in sps}
     if len(ns) > 1:
@@ -135,6 +136,7 @@ def gen_items(prompts: Sequence[Union[str, list[int]]], sampling: dict, rids: Se
     logprob arguments. ValueError for an empty prompt or a bad n."""
     n = _checked_n(sampling.get("n", 1))
     check_generations(len(prompts), n)
+    check_free_form(sampling)
     items = []
     for p, rid in zip(prompts, rids):
         text, ids = (p, None) if isinstance(p, str) else (None, list(p))

@@ -12,6 +12,7 @@ from typing import Optional
 
 from nlcli.engine.api.logprobs import LogprobAccumulator
 from nlcli.engine.detokenizer import IncrementalDetokenizer
+from nlcli.engine.io_struct import BatchTokenIDOut
 
 
 class EngineDeadError(RuntimeError):
@@ -32,6 +33,7 @@ class ReqState:
         self.finished = False
         self.created = time.perf_counter()
         self.first_token_time: Optional[float] = None
+        self.sent_at: Optional[float] = None  # monotonic time the engine was sent it (None: held)
 
     def finish(self, out: dict) -> None:
         """Hand the final output to the waiter."""
@@ -40,6 +42,21 @@ class ReqState:
 
     def fail(self, error: Exception) -> None:
         self.queue.put_nowait(error)
+
+    def apply(self, msg: BatchTokenIDOut, i: int, now: float) -> dict:
+        """The cumulative output after entry `i` of an engine delta (`now`: perf_counter)."""
+        finish = msg.finished_reasons[i]
+        text = self.add_tokens(msg.new_token_ids[i], finish)
+        if self.first_token_time is None and msg.completion_tokens[i]:
+            self.first_token_time = now
+        meta = {"id": self.rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i]}
+        if self.logprobs is not None:
+            self.logprobs.add(msg.logprobs[i] if i < len(msg.logprobs) else None,
+                              msg.new_token_ids[i])
+            meta.update(self.logprobs.meta())
+        meta.update(completion_tokens=msg.completion_tokens[i],
+                    cached_tokens=msg.cached_tokens[i], e2e_latency=now - self.created)
+        return {"text": text, "meta_info": meta}
 
     def add_tokens(self, ids: list[int], finish: Optional[dict]) -> str:
         """Detokenize a delta; the text to show: cut at the engine's stop string once finished,

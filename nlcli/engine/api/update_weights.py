@@ -6,6 +6,10 @@ engine to finish, then the engine is asked to update; held requests go out once 
 their arrival order, so they run on whichever weights are then served. On success the server
 args and model info report the new `model_path` / `load_format`.
 
+Every wait is bounded: the drain counts only requests actually sent, gives up when the engine is
+wedged (it no longer has them) or after DRAIN_TIMEOUT, and the engine's answer is awaited for at
+most RESULT_TIMEOUT; either way the update fails with a message and held requests are released.
+
 The engine's half is `nlcli.engine.scheduler.weight_update`. Importing this module imports no torch.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable, Optional
 
 from fastapi import Request
@@ -25,6 +30,10 @@ logger = logging.getLogger("nlcli.weight_update")
 
 BUSY_MESSAGE = "Another update is in progress. Please try again later."
 _POLL = 0.01
+# Seconds the drain waits for requests already running before the update is refused.
+DRAIN_TIMEOUT = 300.0
+# Seconds to wait for the engine's answer (loading a large checkpoint from disk).
+RESULT_TIMEOUT = 1800.0
 
 
 class WeightUpdateManager:
@@ -46,18 +55,18 @@ class WeightUpdateManager:
             tm = self.tm
             tm.hold_new_requests()
             try:
-                in_flight = tm.in_flight()
-                if in_flight:
-                    logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
-                while any(not st.finished for st in in_flight):
-                    if tm.dead is not None:
-                        return False, f"Failed to update weights: {tm.dead}"
-                    await asyncio.sleep(_POLL)
+                failed = await self._drain()
+                if failed:
+                    return False, f"Failed to update weights: {failed}"
                 self.result = asyncio.get_running_loop().create_future()
                 tm.send(UpdateWeightReq(model_path, load_format))
+                deadline = time.monotonic() + RESULT_TIMEOUT
                 while not self.result.done():
                     if tm.dead is not None:
                         return False, f"Failed to update weights: {tm.dead}"
+                    if time.monotonic() > deadline:
+                        return False, (f"Failed to update weights: the engine did not answer within "
+                                       f"{RESULT_TIMEOUT:.0f} s.")
                     await asyncio.wait({self.result}, timeout=0.2)
                 out: UpdateWeightReqOutput = self.result.result()
             finally:
@@ -65,6 +74,26 @@ class WeightUpdateManager:
             if out.success:
                 self.on_success(out.model_path, out.load_format)
             return out.success, out.message
+
+    async def _drain(self) -> Optional[str]:
+        """Wait for the requests the engine was sent; None when they finished, else why not."""
+        tm = self.tm
+        in_flight = [st for st in tm.in_flight() if st.sent_at is not None]
+        if in_flight:
+            logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while True:
+            left = sum(not st.finished for st in in_flight)
+            if not left:
+                return None
+            if tm.dead is not None:
+                return tm.dead
+            if tm.wedged():
+                return f"the engine stopped making progress on {left} request(s)."
+            if time.monotonic() > deadline:
+                return (f"{left} request(s) still running after {DRAIN_TIMEOUT:.0f} s. Please try "
+                        "again later.")
+            await asyncio.sleep(_POLL)
 
     async def handle(self, request: Request) -> Response:
         try:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Optional, Union
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nlcli.engine.api.http_utils import loads_body
 from nlcli.engine.sampling.params import MAX_N
 
 # Cap on /v1 `logprobs` / `top_logprobs` (OpenAI's own limits are 5 and 20).
@@ -144,9 +144,9 @@ class BadRequest(ValueError):
 
 def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
     try:
-        data = orjson.loads(raw or b"null")
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"Malformed JSON body: {e}") from None
+        data = loads_body(raw)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

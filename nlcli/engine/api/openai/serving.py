@@ -73,11 +73,11 @@ class OpenAIServing:
         raise NotImplementedError
 
     # ---- generation plumbing -------------------------------------------------------------
-    def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
+    async def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
                 logprobs: LogprobArgs = LogprobArgs()) -> list:
         """The native path with typed items: the same validation, sampling and stops as
         /generate."""
-        return self.tm.submit(gen_items(prompts, sampling, rids, logprobs), stream)
+        return await self.tm.submit(gen_items(prompts, sampling, rids, logprobs), stream)
 
     def _token_text(self, entry: list) -> str:
         if entry[2] is not None:
