@@ -151,6 +151,7 @@ class AppServer:
     async def _serve(self) -> None:
         from transformers import AutoTokenizer
 
+        from nlcli.engine.api.http_protocol import uvicorn_settings
         from nlcli.engine.api.http_server import create_app
         from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
@@ -161,7 +162,7 @@ class AppServer:
         app = create_app(self.args, tm, {"model_path": self.args.model_path,
                                          "is_generation": ready.is_generation})
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
+                                lifespan="off", **uvicorn_settings(self.args))
         self._server = uvicorn.Server(config)
         tm.start(self._engine.is_alive, lambda: setattr(self._server, "should_exit", True))
         self.tm = tm

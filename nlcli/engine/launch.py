@@ -101,6 +101,7 @@ def launch_server(args) -> int:
 
 async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
     from nlcli.engine.api.http_server import create_app
+    from nlcli.engine.api.http_protocol import uvicorn_settings
     from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
     tokenizer = await asyncio.to_thread(source.load_tokenizer, args.tokenizer_path)
@@ -114,7 +115,8 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
     app = create_app(args, tm, model_info)
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                             log_level=args.log_level_http or "warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=args.shutdown_timeout,
+                            **uvicorn_settings(args))
     server = _Server(config)
     server.tm = tm
     _serving["started"] = True

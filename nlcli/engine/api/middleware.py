@@ -39,7 +39,10 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length)."""
+    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length).
+
+    The 413 goes out the moment the count passes the cap, before the app could answer; the app
+    then reads a disconnect, and whatever it still sends or raises is dropped."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -51,31 +54,43 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
-        seen = 0
+        seen, started, rejected = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    rejected = True
+                    if not started:
+                        await self._reject(send)
+                    return {"type": "http.disconnect"}
             return msg
 
+        async def guarded(msg):
+            nonlocal started
+            if rejected:
+                return
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(send)
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not rejected:
+                raise
 
     async def _reject(self, send):
         body = orjson.dumps({"error": {"message": f"Request body is larger than {self.limit} bytes."}})
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
 
 
 class ErrorEnvelopeMiddleware:
@@ -98,8 +113,8 @@ class ErrorEnvelopeMiddleware:
 
         try:
             await self.app(scope, receive, tracked)
-        except (ClientDisconnect, _TooLarge):
-            raise  # nobody to answer, or the body cap answers
+        except ClientDisconnect:
+            raise  # nobody to answer (or the body cap answered already)
         except Exception as e:
             if started:
                 raise

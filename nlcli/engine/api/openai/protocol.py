@@ -6,14 +6,14 @@ Responses are plain dicts so they serialize with orjson like the native API. Unk
 ignored (newer SDKs send fields this server has no use for, e.g. `store` or `metadata`), and fields
 OpenAI accepts but that change nothing here (`best_of`, `suffix`, `user`, `logit_bias` handled by
 the sampler) are kept so a client's request validates. Range checks live in SamplingParams, so /v1
-and /generate reject the same values with the same messages.
+and /generate reject the same values with the same messages; types are strict on both.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from nlcli.engine.api.http_utils import loads_body
 from nlcli.engine.sampling.params import MAX_N
@@ -24,8 +24,19 @@ MAX_TOP_LOGPROBS = 20
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
+def _integral(v: Any) -> Any:
+    # JSON has one number type: 8.0 is the integer 8, as on /generate (8.5, "8" and true are not).
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    """Unknown fields are ignored, but the known ones are typed strictly: "8" is not a number
+    and 1 is not a boolean (a 400, as /generate answers)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class StreamOptions(_Lenient):
@@ -38,21 +49,21 @@ class _SamplingExtras(_Lenient):
     model: str
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: int = 1
+    n: Int = 1
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    seed: Optional[Int] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     # SGLang extras
-    top_k: Optional[int] = None
+    top_k: Optional[Int] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
-    stop_token_ids: Optional[list[int]] = None
+    min_tokens: Int = 0
+    stop_token_ids: Optional[list[Int]] = None
     no_stop_trim: bool = False
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -65,10 +76,10 @@ class _SamplingExtras(_Lenient):
 
 class CompletionRequest(_SamplingExtras):
     prompt: Prompt
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[Int] = 16
     echo: bool = False
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: Optional[int] = None
+    logprobs: Optional[Int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[Int] = None
     suffix: Optional[str] = None
     json_schema: Optional[str] = None
 
@@ -108,10 +119,10 @@ class ResponseFormat(_Lenient):
 
 class ChatCompletionRequest(_SamplingExtras):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[Int] = None
+    max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[Int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Any] = None
@@ -123,7 +134,7 @@ class EmbeddingRequest(_Lenient):
     model: str
     input: Prompt
     encoding_format: Optional[str] = None
-    dimensions: Optional[int] = None
+    dimensions: Optional[Int] = None
     user: Optional[str] = None
 
 
