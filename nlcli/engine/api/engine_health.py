@@ -29,7 +29,8 @@ def is_wedged(sent_times: Iterable[float], gauges: Heartbeat, gauges_at: float, 
               now: float, after: Optional[float] = None) -> bool:
     """True when the oldest pending request (by `sent_times`, monotonic) was sent more than
     `after` seconds ago, no engine output came for as long, and the engine's latest heartbeat
-    (received at `gauges_at`, after that request) shows nothing running, queued or compiling a grammar."""
+    (received at `gauges_at`, after that request) shows nothing running, queued or compiling a
+    grammar."""
     after = WEDGE_AFTER if after is None else after
     oldest = min(sent_times, default=None)
     if oldest is None or now - oldest <= after or now - last_output <= after:
