@@ -104,6 +104,7 @@ class AppServer:
         ipc = tempfile.mkdtemp(prefix="nl-app-ipc-")
         self.in_addr, self.out_addr = f"ipc://{ipc}/in", f"ipc://{ipc}/out"
         self.tm: Any = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the app's event loop, once serving
         self._server: Optional[uvicorn.Server] = None
         self._engine_stop = threading.Event()
         self._engine = threading.Thread(target=self._run_engine, daemon=True, name="fake-engine")
@@ -150,16 +151,18 @@ class AppServer:
     async def _serve(self) -> None:
         from transformers import AutoTokenizer
 
+        from nlcli.engine.api.http_protocol import uvicorn_settings
         from nlcli.engine.api.http_server import create_app
         from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
+        self.loop = asyncio.get_running_loop()
         tm = TokenizerManager(self.args, AutoTokenizer.from_pretrained(self.args.model_path),
                               self.in_addr, self.out_addr)
         ready = await tm.wait_ready(self._engine.is_alive, 60)
         app = create_app(self.args, tm, {"model_path": self.args.model_path,
                                          "is_generation": ready.is_generation})
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
+                                lifespan="off", **uvicorn_settings(self.args))
         self._server = uvicorn.Server(config)
         tm.start(self._engine.is_alive, lambda: setattr(self._server, "should_exit", True))
         self.tm = tm

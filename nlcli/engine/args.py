@@ -94,6 +94,11 @@ class ServerArgs:
     admin_api_key_file: Optional[str] = _arg(None, "Read --admin-api-key from this file.")
     cors_origins: Optional[str] = _arg(None, "Comma-separated allowed CORS origins (off if unset).")
     max_request_bytes: int = _arg(8 * 1024 * 1024, "Largest accepted request body (413 above).")
+    timeout_keep_alive: int = _arg(5, "Seconds an idle keep-alive connection stays open.")
+    timeout_request_header: float = _arg(
+        30.0, "Seconds a connection may take to send a request's headers before it is closed.")
+    limit_concurrency: Optional[int] = _arg(
+        None, "Answer 503 once this many connections or requests are open (default: no limit).")
 
     # Memory and scheduling
     mem_fraction_static: Optional[float] = _arg(

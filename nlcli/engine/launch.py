@@ -148,6 +148,7 @@ def launch_server(args) -> int:
 
 
 async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
+    from nlcli.engine.api.http_protocol import uvicorn_settings
     from nlcli.engine.api.http_server import create_app
     from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
@@ -164,7 +165,7 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
     # By the time uvicorn is told to exit, nl has ended every request; uvicorn only flushes.
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
                             log_level=args.log_level_http or "warning",
-                            timeout_graceful_shutdown=FLUSH_TIMEOUT)
+                            timeout_graceful_shutdown=FLUSH_TIMEOUT, **uvicorn_settings(args))
     server = _Server(config, tm, args.shutdown_timeout)
     _serving["started"] = True
     state = {"exit_code": 0}

@@ -11,6 +11,7 @@ death, client disconnects and weight updates see them too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from fastapi.responses import Response
 
 from nlcli.engine.api.http_utils import finals_or_disconnect, json_response, native_error, read_json
 from nlcli.engine.api.native_input import is_int_list, request_rids
-from nlcli.engine.api.prepare import check_vocab
+from nlcli.engine.api.prepare import INLINE_TEXT_CHARS, check_vocab
 from nlcli.engine.api.req_state import EngineDeadError, ReqState
 from nlcli.engine.api.request_fields import ENCODE
 from nlcli.engine.api.token_only import TEXT_PROMPT
@@ -158,10 +159,16 @@ class EmbeddingManager:
                                         token_type_ids=item.token_type_ids)
         return msg, EmbeddingState(item.rid, n)
 
-    def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:
-        """Validate and tokenize every item (a bad one rejects the whole batch), then send."""
+    async def submit(self, items: list[EmbedItem]) -> list[EmbeddingState]:
+        """Validate and tokenize every item (a bad one rejects the whole batch), then send; big
+        texts are tokenized off the event loop."""
         self.tm.check_accepting()  # a dead engine is a 503 before any input is looked at
-        return self.tm.submit_tokenized([self._prepare(it) for it in items])
+
+        def run():
+            return [self._prepare(it) for it in items]
+
+        heavy = sum(len(it.text) for it in items if it.text is not None) > INLINE_TEXT_CHARS
+        return self.tm.submit_tokenized(await asyncio.to_thread(run) if heavy else run())
 
     # ---- engine outputs --------------------------------------------------------------------
     def on_output(self, msg: BatchEmbeddingOut) -> None:
@@ -188,7 +195,7 @@ class EmbeddingManager:
         EncodeRejected: the engine refused or failed a request."""
         if not self.serves_embeddings:
             raise ValueError(NOT_EMBEDDING_MESSAGE)
-        states = self.submit(items)
+        states = await self.submit(items)
         outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
         if outs is None:
             return None

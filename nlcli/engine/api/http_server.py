@@ -20,10 +20,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from nlcli import __version__
 from nlcli.engine.api.encode import NOT_GENERATION_MESSAGE, register_embedding_routes
+from nlcli.engine.api.engine_health import probe_generate
 from nlcli.engine.api.errors import install_error_handlers
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                          last_output, native_error, read_json)
-from nlcli.engine.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from nlcli.engine.api.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
+                                         ErrorEnvelopeMiddleware)
 from nlcli.engine.api.native_input import parse_generate
 from nlcli.engine.api.openai.rerank import register_rerank_routes
 from nlcli.engine.api.pause import register_pause_routes
@@ -39,6 +41,8 @@ FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When
 # ---- the app ---------------------------------------------------------------------------------
 def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     app = FastAPI(title="nl", version=__version__)
+    # Inside FastAPI's own error layer, so an unexpected exception never reaches it (a bare 500).
+    app.add_middleware(ErrorEnvelopeMiddleware)
     app.state.tm = tm
     # A weight update changes model_path / load_format; the info routes read the current args.
     app.state.server_args = args
@@ -50,7 +54,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
             return native_error(NOT_GENERATION_MESSAGE)
         try:
             items, is_batch, stream = parse_generate(await read_json(request))
-            states = tm.submit(items, stream)
+            states = await tm.submit(items, stream)
         except ValueError as e:
             return native_error(str(e))
         except EngineDeadError as e:
@@ -65,7 +69,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
 
     @app.get("/health_generate")
     async def health_generate():
-        return Response(status_code=200 if await tm.health_generate() else 503)
+        return Response(status_code=200 if await probe_generate(tm) else 503)
 
     @app.get("/get_model_info")
     async def get_model_info():

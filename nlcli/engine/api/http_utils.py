@@ -14,6 +14,8 @@ from typing import Any, Awaitable, Callable, Optional
 import orjson
 from fastapi import Request, Response
 
+from nlcli.engine.limits import check_json_depth
+
 logger = logging.getLogger("nlcli.http")
 
 
@@ -28,11 +30,14 @@ def native_error(message: str, status: int = 400) -> Response:
 
 
 def loads_body(raw: bytes) -> Any:
-    """Parse a JSON request body; malformed JSON is the client's error (a 400, never a 422)."""
+    """Parse a JSON request body; malformed or too deeply nested JSON is the client's error (a
+    400, never a 422)."""
     try:
-        return orjson.loads(raw or b"null")
+        body = orjson.loads(raw or b"null")
     except orjson.JSONDecodeError as e:
         raise ValueError(f"Malformed JSON body: {e}") from None
+    check_json_depth(body)
+    return body
 
 
 async def read_json(request: Request) -> Any:

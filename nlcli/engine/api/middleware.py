@@ -1,4 +1,6 @@
-"""The pure-ASGI middleware in front of the app: API keys (user and admin) and request-body size cap.
+"""The pure-ASGI middleware in front of the app: API keys (user and admin), request-body size
+cap, and the one place an unexpected exception in a route becomes an answer in that API's JSON
+envelope.
 
 Plain ASGI on purpose, never Starlette's BaseHTTPMiddleware: that one hides `http.disconnect` from
 the routes, and abort-on-disconnect relies on seeing it.
@@ -6,9 +8,17 @@ the routes, and abort-on-disconnect relies on seeing it.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import orjson
+from starlette.requests import ClientDisconnect
+
+from nlcli.engine.api.errors import error_for
+from nlcli.engine.api.http_utils import json_response
+from nlcli.engine.api.openai.protocol import error_body
+
+logger = logging.getLogger("nlcli.http")
 
 
 # Routes that change the server for everyone: with --admin-api-key only that key opens them.
@@ -58,7 +68,10 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length)."""
+    """413 above `limit` bytes, counted as they arrive (chunked bodies have no Content-Length).
+
+    The 413 goes out the moment the count passes the cap, before the app could answer; the app
+    then reads a disconnect, and whatever it still sends or raises is dropped."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -70,28 +83,80 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
-        seen = 0
+        seen, started, rejected = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    rejected = True
+                    if not started:
+                        await self._reject(send)
+                    return {"type": "http.disconnect"}
             return msg
 
+        async def guarded(msg):
+            nonlocal started
+            if rejected:
+                return
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(send)
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not rejected:
+                raise
 
     async def _reject(self, send):
         body = orjson.dumps({"error": {"message": f"Request body is larger than {self.limit} bytes."}})
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class ErrorEnvelopeMiddleware:
+    """An exception a route lets escape, before it started answering, becomes a JSON error: the
+    native `{"error": {"message"}}` or, under /v1, OpenAI's envelope (/v1/responses: its nested
+    one, as errors.error_for answers there). 400 when the request
+    itself caused it (nested too deeply to handle), else 500 with the traceback logged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            raise  # nobody to answer (or the body cap answered already)
+        except Exception as e:
+            if started:
+                raise
+            client = isinstance(e, RecursionError)
+            status = 400 if client else 500
+            if client:
+                message = "The request is nested too deeply to be handled."
+            else:
+                logger.exception("Unexpected error in %s %s", scope["method"], scope["path"])
+                message = f"Internal server error ({type(e).__name__}): {e}"
+            path = scope["path"]
+            if path.startswith("/v1/") and not path.startswith("/v1/responses"):
+                kind = "BadRequestError" if client else "InternalServerError"
+                resp = json_response(error_body(message, status, kind), status)
+            else:
+                resp = error_for(path, status, message)
+            await resp(scope, receive, send)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from nlcli.engine.api.request_fields import GENERATE
-from nlcli.engine.sampling.params import MAX_SEED
+from nlcli.engine.limits import check_free_form, check_generations
+from nlcli.engine.sampling.params import MAX_N, MAX_SEED
 
 
 @dataclass
@@ -110,10 +111,13 @@ def parse_generate(body: Any) -> tuple[list[GenItem], bool, bool]:
     for one in sps:
         if not isinstance(one, dict):
             raise ValueError("sampling_params must be an object or a list of objects.")
-    ns = {one.get("n", 1) for one in sps}
+        check_free_form(one)
+    # Checked before anything is expanded: n is bounded, then so is prompts x n.
+    ns = {_checked_n(one.get("n", 1)) for one in sps}
     if len(ns) > 1:
         raise ValueError("sampling_params.n must be the same for every prompt of a batch.")
-    n = _positive_n(ns.pop())
+    n = ns.pop()
+    check_generations(len(prompts), n)
 
     rids = request_rids(body.get("rid"), len(prompts), is_batch or n > 1, "prompts")
     stream = body.get("stream", False)
@@ -137,7 +141,9 @@ def gen_items(prompts: Sequence[Union[str, list[int]]], sampling: dict, rids: Se
     """One GenItem per prompt (a text, or token ids) and sample, as parse_generate makes them:
     `sampling["n"]` samples each, rids `<rid>-<j>` when n > 1, shared sampling params, logprob
     arguments and custom logit processor. ValueError for an empty prompt or a bad n."""
-    n = _positive_n(sampling.get("n", 1))
+    n = _checked_n(sampling.get("n", 1))
+    check_generations(len(prompts), n)
+    check_free_form(sampling)
     items = []
     for p, rid in zip(prompts, rids):
         text, ids = (p, None) if isinstance(p, str) else (None, list(p))
@@ -183,9 +189,10 @@ def _check_distinct(items: list[GenItem]) -> None:
                          f"must be distinct.")
 
 
-def _positive_n(n: Any) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"sampling_params.n must be a positive integer, got {n!r}.")
+def _checked_n(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        shown = "a larger integer" if isinstance(n, int) and n > 10**18 else repr(n)[:40]
+        raise ValueError(f"sampling_params.n must be an integer in [1, {MAX_N}], got {shown}.")
     return n
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 from nlcli.engine.api.logprobs import LogprobAccumulator
 from nlcli.engine.detokenizer import IncrementalDetokenizer
+from nlcli.engine.io_struct import BatchTokenIDOut
 
 
 class EngineDeadError(RuntimeError):
@@ -37,6 +38,7 @@ class ReqState:
         # Set by shutdown.abort_in_flight: the finish_reason the engine's abort is reported with,
         # so the route answers it with that status (a 503) rather than a 200.
         self.abort_reason: Optional[dict] = None
+        self.sent_at: Optional[float] = None  # monotonic time the engine was sent it (None: held)
 
     def mark_tokens(self, now: float, n: int) -> Optional[float]:
         """Note that `n` tokens arrived at `now`; the gap since the previous ones (None for the
@@ -56,6 +58,21 @@ class ReqState:
 
     def fail(self, error: Exception) -> None:
         self.queue.put_nowait(error)
+
+    def apply(self, msg: BatchTokenIDOut, i: int, now: float) -> tuple[dict, Optional[float]]:
+        """The cumulative output after entry `i` of an engine delta (`now`: perf_counter), and
+        the inter-token gap it makes (mark_tokens)."""
+        finish = self.reported_finish(msg.finished_reasons[i])
+        text = self.add_tokens(msg.new_token_ids[i], finish)
+        gap = self.mark_tokens(now, len(msg.new_token_ids[i]))
+        meta = {"id": self.rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i]}
+        if self.logprobs is not None:
+            self.logprobs.add(msg.logprobs[i] if i < len(msg.logprobs) else None,
+                              msg.new_token_ids[i])
+            meta.update(self.logprobs.meta())
+        meta.update(completion_tokens=msg.completion_tokens[i],
+                    cached_tokens=msg.cached_tokens[i], e2e_latency=now - self.created)
+        return self.output(text, meta), gap
 
     def output(self, text: str, meta: dict) -> dict:
         """One answer in SGLang's shape: cumulative output_ids (its default, non-incremental

@@ -6,7 +6,10 @@ heartbeats, and process death (every pending request then fails at once with Eng
 
 It owns the table of in-flight requests. The other API-side managers use only its small public
 interface: `submit_tokenized` (embeddings), `on_message` (engine answers by type), `pending`,
-`in_flight`, `send`, and `hold_new_requests` / `release_held` (a weight update's drain).
+`in_flight`, `wedged`, `send`, and `hold_new_requests` / `release_held` (a weight update's drain).
+
+Submission is all or nothing: a request's messages are all pickled before any is registered; a
+failure while sending rolls back every state of that HTTP request (the engine aborts what it got).
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from typing import AsyncIterator, Callable, Optional
 
 import zmq
 import zmq.asyncio
 
+from nlcli.engine.api.engine_health import is_wedged
+from nlcli.engine.api.engine_link import EngineLink, dumps
 from nlcli.engine.api.native_input import GenItem
-from nlcli.engine.api.prepare import prepare_generate
+from nlcli.engine.api.prepare import import_grammar, max_chars_per_token, prepare_all
 from nlcli.engine.api.req_state import EngineDeadError, ReqState
 from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
                                     FlushCacheReqOutput, Heartbeat, ShutdownReq,
@@ -32,15 +36,6 @@ __all__ = ["EngineDeadError", "ReqState", "TokenizerManager"]
 
 logger = logging.getLogger("nlcli.tokenizer_manager")
 
-HEALTH_CHECK_TIMEOUT = 20.0
-
-
-def _import_grammar() -> None:
-    try:
-        import nlcli.engine.sampling.grammar  # noqa: F401
-    except Exception as e:  # requests with a grammar will report it
-        logger.warning("Structured output unavailable: %s", e)
-
 
 class TokenizerManager:
     def __init__(self, server_args, tokenizer, send_addr: str, recv_addr: str):
@@ -49,13 +44,13 @@ class TokenizerManager:
         self.tokenizer = tokenizer
         self.context_len = self.pool_size = 0
         self.ctx = zmq.asyncio.Context()
-        self.send_sock = self.ctx.socket(zmq.PUSH)
-        self.send_sock.connect(send_addr)
+        self.link = EngineLink(self.ctx, send_addr)
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.connect(recv_addr)
         self._states: dict[str, ReqState] = {}
-        self.last_heartbeat = time.monotonic()
-        self.gauges = Heartbeat()
+        self.last_heartbeat = self.last_output = time.monotonic()
+        self.gauges, self.gauges_at = Heartbeat(), 0.0
+        self.chars_per_token = max_chars_per_token(tokenizer) if tokenizer is not None else 0
         self.dead: Optional[str] = None
         self.draining = False
         self.flush_lock = asyncio.Lock()
@@ -64,8 +59,6 @@ class TokenizerManager:
         self._tasks: list[asyncio.Task] = []
         # Engine messages this manager does not know, by type (registered by on_message).
         self._handlers: dict[type, Callable[[object], None]] = {}
-        # While a weight update drains the engine, new requests wait here (hold_new_requests).
-        self._held: Optional[list[TokenizedGenerateReqInput]] = None
 
     # ---- wiring for the other API-side managers ---------------------------------------------
     def on_message(self, kind: type, handler: Callable[[object], None]) -> None:
@@ -78,10 +71,8 @@ class TokenizerManager:
 
     def start_draining(self) -> bool:
         """Refuse new work from now on (shutdown); False when already draining."""
-        if self.draining:
-            return False
-        self.draining = True
-        return True
+        was, self.draining = self.draining, True
+        return not was
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def wait_ready(self, engine_alive: Callable[[], bool], timeout: float) -> EngineReady:
@@ -103,7 +94,7 @@ class TokenizerManager:
     def start(self, engine_alive: Callable[[], bool], on_dead: Callable[[], None]) -> None:
         # The first constrained request would otherwise stall the event loop importing xgrammar.
         if self.ready is None or self.ready.is_generation:
-            threading.Thread(target=_import_grammar, daemon=True, name="grammar-import").start()
+            threading.Thread(target=import_grammar, daemon=True, name="grammar-import").start()
         self._tasks.append(asyncio.create_task(self._recv_loop()))
         self._tasks.append(asyncio.create_task(self._watch(engine_alive, on_dead)))
 
@@ -128,7 +119,12 @@ class TokenizerManager:
     def is_healthy(self) -> bool:
         # Beats come about once a second between steps: longer silence is one slow (hung?) step.
         stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 2.0)
-        return self.dead is None and not self.draining and not stale
+        return self.dead is None and not self.draining and not stale and not self.wedged()
+
+    def wedged(self) -> bool:
+        """Requests sent long ago that the (heartbeating) engine says it no longer has."""
+        return is_wedged((st.sent_at for st in self.in_flight() if st.sent_at is not None),
+                         self.gauges, self.gauges_at, self.last_output, time.monotonic())
 
     def shutdown(self, message: str) -> None:
         """Abort whatever is still in flight, then ask the engine to stop."""
@@ -136,30 +132,36 @@ class TokenizerManager:
         self.send(ShutdownReq())
 
     # ---- sending and holding -----------------------------------------------------------------
-    def send(self, msg: object) -> None:
-        """Send `msg` to the engine (nothing once it is dead); new requests wait while held."""
+    def send(self, msg: object, frame: Optional[bytes] = None) -> None:
+        """Send `msg` (pickled, or as its pickle `frame`) to the engine, nothing once it is dead;
+        new requests wait while held."""
         if self.dead is not None:
             return
-        if self._held is not None and isinstance(msg, TokenizedGenerateReqInput):
-            self._held.append(msg)
-            return
-        self.send_sock.send_pyobj(msg)
+        frame = frame if frame is not None else dumps(msg)
+        if not isinstance(msg, TokenizedGenerateReqInput):
+            self.link.send(frame)
+        elif self.link.send_or_hold(msg.rid, frame):
+            self._mark_sent(msg.rid)
+
+    def _mark_sent(self, rid: str) -> None:
+        st = self._states.get(rid)
+        if st is not None:
+            st.sent_at = time.monotonic()
 
     def hold_new_requests(self) -> None:
         """Keep new requests in this process until release_held (everything else still goes)."""
-        if self._held is None:
-            self._held = []
+        self.link.hold()
 
     def release_held(self) -> None:
         """Send the held requests in arrival order, except those abandoned while they waited."""
-        held, self._held = self._held or [], None
-        for msg in held:
-            st = self._states.get(msg.rid)
-            if st is not None and not st.finished:
-                self.send(msg)
+        for rid, frame in self.link.take_held():
+            st = self._states.get(rid)
+            if st is not None and not st.finished and self.dead is None:
+                self.link.send(frame)
+                self._mark_sent(rid)
 
     def in_flight(self) -> list[ReqState]:
-        """Requests sent (or held) and not finished yet."""
+        """Requests registered (sent, or held: `sent_at` None) and not finished yet."""
         return [st for st in self._states.values() if not st.finished]
 
     def pending(self, rid: str) -> Optional[ReqState]:
@@ -177,28 +179,50 @@ class TokenizerManager:
     def submit_tokenized(self, prepared: list[tuple[TokenizedGenerateReqInput, ReqState]]
                          ) -> list[ReqState]:
         """Register and send requests already validated and tokenized; all or none: a refused
-        one (engine dead, draining, rid in use) sends nothing."""
+        one (engine dead, draining, rid in use, a message that cannot be pickled) sends nothing,
+        and a failure while sending rolls back every state of the request."""
         self.check_accepting()
         for msg, _ in prepared:
             if msg.rid in self._states:
                 raise ValueError(f"Duplicate request ID detected: {msg.rid} (already in use).")
-        for msg, st in prepared:
-            self._states[st.rid] = st
-            if self.args.log_requests:
-                logger.info("Request rid=%s prompt_tokens=%d max_new_tokens=%s", msg.rid,
-                            len(msg.input_ids), msg.sampling_params.max_new_tokens)
-            self.send(msg)
+        try:
+            frames = [dumps(msg) for msg, _ in prepared]
+        except RecursionError:
+            raise ValueError("The request is nested too deeply to be sent to the engine.") from None
+        registered: list[ReqState] = []
+        try:
+            for (msg, st), frame in zip(prepared, frames):
+                self._states[st.rid] = st
+                registered.append(st)
+                if self.args.log_requests:
+                    logger.info("Request rid=%s prompt_tokens=%d max_new_tokens=%s", msg.rid,
+                                len(msg.input_ids), msg.sampling_params.max_new_tokens)
+                self.send(msg, frame)
+        except BaseException:
+            self._roll_back(registered)
+            raise
         return [st for _, st in prepared]
+
+    def _roll_back(self, states: list[ReqState]) -> None:
+        """Forget `states`; the ones the engine already got are aborted there."""
+        for st in states:
+            self._states.pop(st.rid, None)
+            st.finished = True
+        for st in states:
+            if st.sent_at is not None:
+                self.send(AbortReq(rid=st.rid, message="Submission failed"))
 
     # ---- engine outputs --------------------------------------------------------------------
     async def _recv_loop(self) -> None:
         while True:
             msg = await self.recv_sock.recv_pyobj()
-            self.last_heartbeat = time.monotonic()
+            self.last_heartbeat = now = time.monotonic()
+            if not isinstance(msg, Heartbeat):
+                self.last_output = now
             if isinstance(msg, BatchTokenIDOut):
                 self._on_tokens(msg)
             elif isinstance(msg, Heartbeat):
-                self.gauges = msg
+                self.gauges, self.gauges_at = msg, now
                 if self.metrics:
                     self.metrics.on_heartbeat(msg)
             elif isinstance(msg, FlushCacheReqOutput):
@@ -213,21 +237,11 @@ class TokenizerManager:
             st = self._states.get(rid)
             if st is None or st.finished:
                 continue
-            finish = st.reported_finish(msg.finished_reasons[i])
-            text = st.add_tokens(msg.new_token_ids[i], finish)
-            gap = st.mark_tokens(now, len(msg.new_token_ids[i]))
+            out, gap = st.apply(msg, i, now)
             if gap is not None and self.metrics and not rid.startswith("HEALTH_CHECK"):
                 self.metrics.on_tokens(gap, len(msg.new_token_ids[i]))
-            meta = {"id": rid, "finish_reason": finish, "prompt_tokens": msg.prompt_tokens[i]}
-            if st.logprobs is not None:
-                st.logprobs.add(msg.logprobs[i] if i < len(msg.logprobs) else None,
-                                msg.new_token_ids[i])
-                meta.update(st.logprobs.meta())
-            meta.update(completion_tokens=msg.completion_tokens[i],
-                        cached_tokens=msg.cached_tokens[i], e2e_latency=now - st.created)
-            out = st.output(text, meta)
-            if finish is not None:
-                self._on_finish(st, meta)
+            if out["meta_info"]["finish_reason"] is not None:
+                self._on_finish(st, out["meta_info"])
                 st.finish(out)
             elif st.stream:
                 st.queue.put_nowait(out)
@@ -241,12 +255,12 @@ class TokenizerManager:
             self.metrics.on_finish(st, meta)
 
     # ---- requests --------------------------------------------------------------------------
-    def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
+    async def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
         """Validate all items first (a bad one rejects the whole batch), then send them."""
         self.check_accepting()
-        prepared = [prepare_generate(it, stream, self.tokenizer, self.ready, self.context_len,
-                                     self.pool_size, self.args.enable_custom_logit_processor)
-                    for it in items]
+        prepared = await prepare_all(items, stream, self.tokenizer, self.ready, self.context_len,
+                                     self.pool_size, self.chars_per_token,
+                                     self.args.enable_custom_logit_processor)
         return self.submit_tokenized(prepared)
 
     async def next_output(self, st: ReqState) -> dict:
@@ -284,17 +298,3 @@ class TokenizerManager:
             self.flush_future = asyncio.get_running_loop().create_future()
             self.send(FlushCacheReq())
             return await asyncio.wait_for(self.flush_future, timeout=60)
-
-    async def health_generate(self) -> bool:
-        if not self.is_healthy():
-            return False
-        rid = f"HEALTH_CHECK_{uuid.uuid4().hex}"
-        item = GenItem(None, [0], {"max_new_tokens": 1, "temperature": 0.7}, rid)
-        try:
-            (st,) = self.submit([item], stream=True)
-            await asyncio.wait_for(self.next_output(st), timeout=HEALTH_CHECK_TIMEOUT)
-            return True
-        except (asyncio.TimeoutError, EngineDeadError, ValueError):
-            return False
-        finally:
-            self.abort([rid], "health check done")

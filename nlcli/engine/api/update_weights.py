@@ -7,6 +7,10 @@ no request holding KV, goes ahead at once), then the engine is asked to update; 
 out once it answered, in their arrival order, so they run on whichever weights are then served.
 On success the server args and model info report the new `model_path` / `load_format`.
 
+Every wait is bounded: the drain counts only requests actually sent, gives up when the engine is
+wedged (it no longer has them) or after DRAIN_TIMEOUT, and the engine's answer is awaited for at
+most RESULT_TIMEOUT; either way the update fails with a message and held requests are released.
+
 The engine's half is `nlcli.engine.scheduler.weight_update`. Importing this module imports no torch.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable, Optional
 
 from fastapi import Request
@@ -26,6 +31,10 @@ logger = logging.getLogger("nlcli.weight_update")
 
 BUSY_MESSAGE = "Another update is in progress. Please try again later."
 _POLL = 0.01
+# Seconds the drain waits for requests already running before the update is refused.
+DRAIN_TIMEOUT = 300.0
+# Seconds to wait for the engine's answer (loading a large checkpoint from disk).
+RESULT_TIMEOUT = 1800.0
 
 
 class WeightUpdateManager:
@@ -55,23 +64,25 @@ class WeightUpdateManager:
             tm.hold_new_requests()
             paused = 0
             try:
-                in_flight = tm.in_flight()
+                # Only what the engine was sent: held requests wait for the update anyway.
+                in_flight = [st for st in tm.in_flight() if st.sent_at is not None]
                 if abort_all and in_flight:
                     logger.info("Update weights: aborting %d in-flight request(s)", len(in_flight))
                     tm.abort_all()
                 elif self.skip_drain():
                     paused, in_flight = len(in_flight), []
-                if in_flight:
-                    logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
-                while any(not st.finished for st in in_flight):
-                    if tm.dead is not None:
-                        return False, f"Failed to update weights: {tm.dead}", 0
-                    await asyncio.sleep(_POLL)
+                failed = await self._drain(in_flight)
+                if failed:
+                    return False, f"Failed to update weights: {failed}", 0
                 self.result = asyncio.get_running_loop().create_future()
                 tm.send(UpdateWeightReq(model_path, load_format))
+                deadline = time.monotonic() + RESULT_TIMEOUT
                 while not self.result.done():
                     if tm.dead is not None:
                         return False, f"Failed to update weights: {tm.dead}", 0
+                    if time.monotonic() > deadline:
+                        return False, (f"Failed to update weights: the engine did not answer within "
+                                       f"{RESULT_TIMEOUT:.0f} s."), 0
                     await asyncio.wait({self.result}, timeout=0.2)
                 out: UpdateWeightReqOutput = self.result.result()
             finally:
@@ -79,6 +90,26 @@ class WeightUpdateManager:
             if out.success:
                 self.on_success(out.model_path, out.load_format)
             return out.success, out.message, paused
+
+    async def _drain(self, in_flight: list) -> Optional[str]:
+        """Wait for `in_flight` (requests the engine was sent) to finish; None when they did,
+        else why not."""
+        tm = self.tm
+        if in_flight:
+            logger.info("Update weights: waiting for %d in-flight request(s)", len(in_flight))
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while True:
+            left = sum(not st.finished for st in in_flight)
+            if not left:
+                return None
+            if tm.dead is not None:
+                return tm.dead
+            if tm.wedged():
+                return f"the engine stopped making progress on {left} request(s)."
+            if time.monotonic() > deadline:
+                return (f"{left} request(s) still running after {DRAIN_TIMEOUT:.0f} s. Please try "
+                        "again later.")
+            await asyncio.sleep(_POLL)
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -90,16 +121,22 @@ class WeightUpdateManager:
         load_format = body.get("load_format")
         if load_format is not None and not isinstance(load_format, str):
             return _result(False, "load_format must be a string or null.")
+        asked = "abort_all_requests" in body or "abort_all" in body
         abort_all = body.get("abort_all_requests", body.get("abort_all", False))
         if not isinstance(abort_all, bool):
-            return _result(False, "abort_all_requests must be a boolean.")
+            return _result(False, "abort_all_requests must be a boolean.", 0, asked)
         success, message, paused = await self.update(body["model_path"], load_format, abort_all)
-        return _result(success, message, paused)
+        return _result(success, message, paused, asked)
 
 
-def _result(success: bool, message: str, num_paused_requests: int = 0) -> Response:
-    return json_response({"success": success, "message": message,
-                          "num_paused_requests": num_paused_requests}, 200 if success else 400)
+def _result(success: bool, message: str, num_paused_requests: int = 0,
+            asked: bool = False) -> Response:
+    """The brief's exact {"success", "message"}; SGLang's num_paused_requests only when the client
+    sent abort_all_requests (it reads the count then) or requests were paused across the update."""
+    body: dict = {"success": success, "message": message}
+    if asked or num_paused_requests:
+        body["num_paused_requests"] = num_paused_requests
+    return json_response(body, 200 if success else 400)
 
 
 def register_weight_update_routes(app, tm, on_success: Callable[[str, str], None],

@@ -6,6 +6,7 @@ whole or as chat.completion.chunk deltas; `response_format` becomes a JSON-schem
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Optional
 
@@ -18,6 +19,8 @@ from nlcli.engine.api.openai.chat_template import ChatTemplate, load_chat_templa
 from nlcli.engine.api.openai.protocol import (BadRequest, ChatCompletionRequest, chat_logprobs,
                                               sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
+from nlcli.engine.api.prepare import INLINE_TEXT_CHARS
+from nlcli.engine.limits import check_text_len
 
 OBJECT, CHUNK_OBJECT = "chat.completion", "chat.completion.chunk"
 
@@ -32,11 +35,20 @@ class ChatServing(OpenAIServing):
 
     async def serve(self, request: Request):
         req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+        body_len = len(await request.body())  # Starlette keeps the body: no second read
         if req.top_logprobs and not req.logprobs:
             raise BadRequest("top_logprobs requires logprobs to be true.", "top_logprobs")
+        # Too long for the context whatever it tokenizes to: refused before rendering.
+        check_text_len(sum(_chars(m.content) for m in req.messages), self.tm.context_len,
+                       self.tm.chars_per_token)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        prompt = self.chat.render(messages, req.tools, req.continue_final_message,
-                                  req.chat_template_kwargs)
+
+        def render():
+            return self.chat.render(messages, req.tools, req.continue_final_message,
+                                    req.chat_template_kwargs)
+
+        # Templating and tokenizing a big conversation runs off the event loop.
+        prompt = await asyncio.to_thread(render) if body_len > INLINE_TEXT_CHARS else render()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sp = sampling_dict(req, max_tokens)
         fmt = req.response_format
@@ -52,8 +64,8 @@ class ChatServing(OpenAIServing):
         lp = LogprobArgs()
         if req.logprobs:
             lp = LogprobArgs(return_logprob=True, top_logprobs_num=k, return_text_in_logprobs=True)
-        states = self._submit([prompt.input_ids], sp, [rid], req.stream, lp,
-                              req.custom_logit_processor)
+        states = await self._submit([prompt.input_ids], sp, [rid], req.stream, lp,
+                                    req.custom_logit_processor)
         if req.stream:
             return StreamingResponse(self._stream_chat(req, states, k, rid),
                                      media_type="text/event-stream")
@@ -91,3 +103,9 @@ class ChatServing(OpenAIServing):
             return chunks
 
         return self._stream(req, states, rid, CHUNK_OBJECT, len(states), choices_of)
+
+
+def _chars(content) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(getattr(part, "text", "") or "") for part in content or [])

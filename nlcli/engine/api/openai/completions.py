@@ -18,6 +18,7 @@ from nlcli.engine.api.native_input import LogprobArgs
 from nlcli.engine.api.openai.protocol import (CompletionRequest, legacy_logprobs, normalize_prompt,
                                               sampling_dict)
 from nlcli.engine.api.openai.serving import OpenAIServing, choice
+from nlcli.engine.limits import check_input_len
 
 OBJECT = "text_completion"
 
@@ -28,6 +29,8 @@ class CompletionServing(OpenAIServing):
         prompt = normalize_prompt(req.prompt, "prompt")
         by_ids = isinstance(prompt[0], list)
         if by_ids:
+            for p in prompt:  # before decoding: an over-long prompt is refused at once
+                check_input_len(len(p), self.tm.context_len, self.tm.pool_size)
             echo_texts = [self.tm.tokenizer.decode(p) if self.tm.tokenizer else "" for p in prompt]
         else:
             echo_texts = list(prompt)
@@ -40,8 +43,8 @@ class CompletionServing(OpenAIServing):
         if k is not None:
             lp = LogprobArgs(return_logprob=True, logprob_start_len=0 if req.echo else -1,
                              top_logprobs_num=k, return_text_in_logprobs=True)
-        states = self._submit(prompt, sp, [f"{rid}-{i}" for i in range(len(prompt))], req.stream, lp,
-                              req.custom_logit_processor)
+        rids = [f"{rid}-{i}" for i in range(len(prompt))]
+        states = await self._submit(prompt, sp, rids, req.stream, lp, req.custom_logit_processor)
         if req.stream:
             return StreamingResponse(self._stream_completion(req, states, echo_texts, rid),
                                      media_type="text/event-stream")

@@ -7,17 +7,19 @@ top-level fields, declared or not (an SDK's `extra_body` lands there), pass requ
 policy for that model: a field nl does not honour is a 400 naming it unless null or neutral (e.g.
 `best_of: 1`, `store: false`). Nested parts (messages, response_format) ignore unknown keys: SDKs
 replay returned messages with null extras. Range checks live in SamplingParams, so /v1 and
-/generate reject the same values with the same messages.
+/generate reject the same values with the same messages; types are strict on both ("8" is not a
+number, 1 is not a boolean; 8.0 is the integer 8).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from nlcli.engine.api.http_utils import loads_body
 from nlcli.engine.api.request_fields import OPENAI_POLICIES, FieldPolicy
+from nlcli.engine.sampling.params import MAX_N
 
 # Cap on /v1 `logprobs` / `top_logprobs` (OpenAI's own limits are 5 and 20).
 MAX_TOP_LOGPROBS = 20
@@ -25,16 +27,24 @@ MAX_TOP_LOGPROBS = 20
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
-class _Lenient(BaseModel):
-    """A nested part of a request: unknown keys are dropped."""
+def _integral(v: Any) -> Any:
+    # JSON has one number type: 8.0 is the integer 8, as on /generate (8.5, "8" and true are not).
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+class _Lenient(BaseModel):
+    """A nested part of a request: unknown keys are dropped, known ones are typed strictly."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class RequestModel(BaseModel):
     """A whole /v1 request: unknown keys are kept (in `model_extra`) so the policy can refuse them."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), strict=True)
 
 
 class StreamOptions(_Lenient):
@@ -47,21 +57,21 @@ class _SamplingExtras(RequestModel):
     model: str
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: int = 1
+    n: Int = 1
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    seed: Optional[Int] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     # SGLang extras
-    top_k: Optional[int] = None
+    top_k: Optional[Int] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
-    stop_token_ids: Optional[list[int]] = None
+    min_tokens: Int = 0
+    stop_token_ids: Optional[list[Int]] = None
     stop_regex: Optional[Union[str, list[str]]] = None
     no_stop_trim: bool = False
     ignore_eos: bool = False
@@ -77,10 +87,10 @@ class _SamplingExtras(RequestModel):
 
 class CompletionRequest(_SamplingExtras):
     prompt: Prompt
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[Int] = 16
     echo: bool = False
-    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: Optional[int] = None
+    logprobs: Optional[Int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[Int] = None
     suffix: Optional[str] = None
     json_schema: Optional[str] = None
 
@@ -120,10 +130,10 @@ class ResponseFormat(_Lenient):
 
 class ChatCompletionRequest(_SamplingExtras):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[Int] = None
+    max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[Int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Any] = None
@@ -135,7 +145,7 @@ class EmbeddingRequest(RequestModel):
     model: str
     input: Prompt
     encoding_format: Optional[Literal["float", "base64"]] = None
-    dimensions: Optional[int] = None
+    dimensions: Optional[Int] = None
     user: Optional[str] = None
 
 
@@ -156,9 +166,9 @@ class BadRequest(ValueError):
 
 def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
     try:
-        data = orjson.loads(raw or b"null")
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"Malformed JSON body: {e}") from None
+        data = loads_body(raw)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     try:
         req = model.model_validate(data)
     except ValidationError as e:
@@ -195,8 +205,8 @@ def sampling_dict(req: Any, max_tokens: Optional[int]) -> dict:
         raise BadRequest(f"max_tokens must be at least 0, got {max_tokens}.", "max_tokens")
     if req.min_tokens < 0 or (max_tokens is not None and req.min_tokens > max_tokens):
         raise BadRequest(f"min_tokens must be in [0, max_tokens], got {req.min_tokens}.", "min_tokens")
-    if req.n < 1:
-        raise BadRequest(f"n must be at least 1, got {req.n}.", "n")
+    if not 1 <= req.n <= MAX_N:  # before anything is expanded
+        raise BadRequest(f"n must be in [1, {MAX_N}], got {req.n}.", "n")
     sp: dict = {"max_new_tokens": max_tokens, "min_new_tokens": req.min_tokens, "n": req.n}
     for key in _SAMPLING_KEYS:
         if getattr(req, key) is not None:

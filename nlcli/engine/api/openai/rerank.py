@@ -7,6 +7,7 @@ answer is a bare JSON array of {score, document, index, meta_info}, highest scor
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Optional
 
@@ -18,6 +19,7 @@ from nlcli.engine.api.encode import EmbedItem
 from nlcli.engine.api.http_utils import finals_or_disconnect, json_response
 from nlcli.engine.api.openai.protocol import BadRequest, parse_request
 from nlcli.engine.api.openai.serving import OpenAIServing
+from nlcli.engine.api.prepare import INLINE_TEXT_CHARS
 
 
 class RerankRequest(BaseModel):
@@ -67,11 +69,17 @@ class RerankServing(OpenAIServing):
         if not self.embeddings.serves_embeddings:
             raise BadRequest("/v1/rerank needs a cross-encoder served with --is-embedding "
                              "(a *ForSequenceClassification checkpoint).")
-        items = []
-        for doc in req.documents:
-            ids, types = self._pair(req.query, doc)
-            items.append(EmbedItem(None, ids, f"rerank-{uuid.uuid4().hex}", types))
-        states = self.embeddings.submit(items)
+        def pairs() -> list[EmbedItem]:
+            items = []
+            for doc in req.documents:
+                ids, types = self._pair(req.query, doc)
+                items.append(EmbedItem(None, ids, f"rerank-{uuid.uuid4().hex}", types))
+            return items
+
+        # Tokenizing many or long documents runs off the event loop.
+        big = len(req.query) * len(req.documents) + sum(map(len, req.documents)) > INLINE_TEXT_CHARS
+        items = await asyncio.to_thread(pairs) if big else pairs()
+        states = await self.embeddings.submit(items)
         outs = await finals_or_disconnect(self.tm, states, request, self.tm.next_output)
         if outs is None:
             return Response(status_code=499)

@@ -9,6 +9,8 @@ a bounded in-memory store for GET /v1/responses/{id} and chaining.
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -17,7 +19,9 @@ from nlcli.engine.api.http_utils import json_response
 from nlcli.engine.api.openai import responses_protocol as rp
 from nlcli.engine.api.openai.protocol import BadRequest, parse_request
 from nlcli.engine.api.openai.serving import OpenAIServing
+from nlcli.engine.api.prepare import INLINE_TEXT_CHARS
 from nlcli.engine.api.req_state import EngineDeadError
+from nlcli.engine.limits import check_text_len
 
 
 class ResponsesServing(OpenAIServing):
@@ -46,7 +50,8 @@ class ResponsesServing(OpenAIServing):
         return rp.not_found(response_id) if got is None else json_response(got[0])
 
     async def serve(self, request: Request):
-        req: rp.ResponsesRequest = parse_request(await request.body(), rp.ResponsesRequest)
+        raw = await request.body()
+        req: rp.ResponsesRequest = parse_request(raw, rp.ResponsesRequest)
         history: list[dict] = []
         if req.previous_response_id is not None:
             bad = rp.check_id(req.previous_response_id)
@@ -58,9 +63,16 @@ class ResponsesServing(OpenAIServing):
             history = rp.conversation_after(*prev)
         history = history + rp.input_messages(req.input)
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        prompt = self.chat.render(system + history)
+        # As chat: too long for the context whatever it tokenizes to is refused before rendering,
+        # and templating and tokenizing a big conversation runs off the event loop.
+        messages = system + history
+        chars = sum(len(str(m.get("content", ""))) for m in messages)
+        check_text_len(chars, self.tm.context_len, self.tm.chars_per_token)
+        big = len(raw) + chars > INLINE_TEXT_CHARS
+        prompt = (await asyncio.to_thread(self.chat.render, messages) if big
+                  else self.chat.render(messages))
         rid = req.request_id or rp.new_id("resp")
-        states = self._submit([prompt.input_ids], rp.sampling_params(req), [rid], req.stream)
+        states = await self._submit([prompt.input_ids], rp.sampling_params(req), [rid], req.stream)
         model, created = req.model or self.model_name, rp.now()
         if req.stream:
             return StreamingResponse(self._events(req, states, rid, model, created, history),

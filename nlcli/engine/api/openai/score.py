@@ -83,7 +83,7 @@ class ScoreServing(OpenAIServing):
         for prompt, ids in zip(prompts, labels):
             lp = LogprobArgs(return_logprob=True, logprob_start_len=-1, token_ids_logprob=ids)
             items += gen_items([prompt], {"max_new_tokens": 0}, [uuid.uuid4().hex], lp)
-        outs = await self._finals(self.tm.submit(items, stream=False), request)
+        outs = await self._finals(await self.tm.submit(items, stream=False), request)
         if outs is None:
             return Response(status_code=499)
         rows = [label_logprobs(o["meta_info"], ids) for o, ids in zip(outs, labels)]

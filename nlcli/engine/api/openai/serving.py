@@ -94,13 +94,13 @@ class OpenAIServing:
         return req
 
     # ---- generation plumbing -------------------------------------------------------------
-    def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
-                logprobs: LogprobArgs = LogprobArgs(),
-                custom_logit_processor: Optional[str] = None) -> list:
+    async def _submit(self, prompts: list, sampling: dict, rids: list[str], stream: bool,
+                      logprobs: LogprobArgs = LogprobArgs(),
+                      custom_logit_processor: Optional[str] = None) -> list:
         """The native path with typed items: the same validation, sampling and stops as
         /generate."""
         items = gen_items(prompts, sampling, rids, logprobs, custom_logit_processor)
-        return self.tm.submit(items, stream)
+        return await self.tm.submit(items, stream)
 
     def _token_text(self, entry: list) -> str:
         if entry[2] is not None:
