@@ -13,6 +13,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from tests.live_stream import stream_greedy, wait_for
 from tests.test_scheduler_fakes import LiveServer, reference_greedy
 
 pytestmark = pytest.mark.slow  # one server start per module
@@ -128,26 +129,8 @@ def test_tokenize_big_input_keeps_the_loop_free(server, tok):
 # ---- /pause_generation, /continue_generation -------------------------------------------------
 def _stream(server, prompt: str, n: int, events: list) -> threading.Thread:
     """Stream a greedy generation in a thread; `events` gets (arrival time, output) per chunk."""
-    import orjson
-
-    def run():
-        body = {"text": prompt, "stream": True,
-                "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}}
-        with httpx.stream("POST", server.url + "/generate", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    events.append((time.monotonic(), orjson.loads(line[len("data: "):])))
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
-def _wait_for(cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    return stream_greedy(server, prompt, n, lambda out: events.append((time.monotonic(), out)),
+                         timeout=120)
 
 
 def _pause(server, **body):
@@ -169,7 +152,7 @@ def test_pause_keeps_requests_and_output_matches_unpaused(server, tok, mode):
                       skip_special_tokens=True)
     events: list = []
     t = _stream(server, prompt, n, events)
-    _wait_for(lambda: len(events) >= 5)
+    wait_for(lambda: len(events) >= 5)
     _pause(server, mode=mode)
     paused_at = time.monotonic()
     # A request sent while paused queues; it runs after continue.
@@ -194,7 +177,7 @@ def test_pause_keeps_requests_and_output_matches_unpaused(server, tok, mode):
 def test_pause_abort_mode_ends_requests(server):
     events: list = []
     t = _stream(server, "Aborted by a pause", 400, events)
-    _wait_for(lambda: len(events) >= 3)
+    wait_for(lambda: len(events) >= 3)
     _pause(server)  # mode defaults to abort
     t.join(30)
     assert not t.is_alive()

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from tests.live_stream import stream_greedy, wait_for
 from tests.test_scheduler_fakes import LiveServer
 from tests.tiny_models import perturbed_copy
 
@@ -175,36 +176,15 @@ def test_update_waits_for_running_streams(server, dirs):
     assert queued_out["text"] != greedy(server, queued_prompt, 16)["text"]  # not the old weights
 
 
-def _open_stream(server, prompt: str, n: int, chunks: list) -> "threading.Thread":
-    import threading
-
-    import orjson
-
-    def run():
-        body = {"text": prompt, "stream": True,
-                "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}}
-        with httpx.stream("POST", server.url + "/generate", json=body, timeout=300) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunks.append(orjson.loads(line[len("data: "):]))
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
-def _wait_for(cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def _open_stream(server, prompt: str, n: int, chunks: list):
+    return stream_greedy(server, prompt, n, chunks.append)
 
 
 @pytest.mark.parametrize("field", ["abort_all_requests", "abort_all"])
 def test_abort_all_requests_aborts_instead_of_waiting(server, dirs, field):
     chunks: list = []
     t = _open_stream(server, "A long story begins", 3000, chunks)
-    _wait_for(lambda: len(chunks) >= 2)
+    wait_for(lambda: len(chunks) >= 2)
     try:
         r = update(server, dirs["perturbed"], **{field: True})
         assert (r.status_code, r.json()) == (200, {**SUCCESS, "num_paused_requests": 0})
@@ -223,7 +203,7 @@ def test_update_while_paused_in_retract_mode(server, dirs):
     old_full = greedy(server, prompt, n)["text"]
     chunks: list = []
     t = _open_stream(server, prompt, n, chunks)
-    _wait_for(lambda: len(chunks) >= 3)
+    wait_for(lambda: len(chunks) >= 3)
     try:
         r = httpx.post(server.url + "/pause_generation", json={"mode": "retract"}, timeout=30)
         assert r.json() == {"message": "Generation paused successfully.", "status": "ok"}
