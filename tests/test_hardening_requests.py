@@ -168,8 +168,9 @@ def test_submission_rolls_back_when_sending_fails(srv, monkeypatch):
         return real_send(rid, frame)
 
     monkeypatch.setattr(tm.link, "send_or_hold", flaky)
-    real_abort = tm.link.send
-    monkeypatch.setattr(tm.link, "send", lambda frame: (aborted.append(frame), real_abort(frame)))
+    real_abort = tm.link.send_to  # an abort goes to the request's engine group only
+    monkeypatch.setattr(tm.link, "send_to",
+                        lambda group, frame: (aborted.append(frame), real_abort(group, frame)))
     with pytest.raises(RuntimeError):
         on_loop(srv, tm.submit_tokenized, prepared)
     monkeypatch.undo()

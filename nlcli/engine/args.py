@@ -140,9 +140,19 @@ class ServerArgs:
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
-    # Parallelism: one engine process on one device for now, so anything but 1 is refused at start.
+    # Parallelism. Data parallelism: --dp-size engine groups behind one API process, which
+    # routes each request to one of them (--load-balance-method; nlcli/engine/api/dp/).
     tp_size: int = _arg(1, "Tensor parallel size (nl runs one process: only 1).", only=(1,))
-    dp_size: int = _arg(1, "Data parallel size (nl runs one engine: only 1).", only=(1,))
+    dp_size: int = _arg(1, "Data parallel size: engine groups (model replicas) behind one API "
+                        "process.", minimum=1)
+    load_balance_method: str = _arg(
+        "auto", "How requests are spread over the --dp-size groups. auto: round_robin (as "
+        "SGLang); shortest_queue (SGLang's total_requests): fewest requests in flight; "
+        "cache_aware: the group whose routed prompts share the longest prefix, unless groups "
+        "are unbalanced (sglang-router's policy).",
+        ("auto", "round_robin", "shortest_queue", "total_requests", "cache_aware",
+         "total_tokens", "follow_bootstrap_room"),
+        only=("auto", "round_robin", "shortest_queue", "total_requests", "cache_aware"))
 
     # Kernels
     attention_backend: str = _arg("auto", "Attention kernels.", ("auto", "torch_native", "triton"))
@@ -174,8 +184,6 @@ class ServerArgs:
                                   "dtype.", ("auto",))
     quantization: Optional[str] = _compat(None, "SGLang: quantization method. nl dequantizes GGUF "
                                           "weights to --dtype at load.")
-    load_balance_method: str = _compat("round_robin", "SGLang: data-parallel routing. nl runs one "
-                                       "engine.", ("round_robin", "shortest_queue"))
     grammar_backend: str = _compat("xgrammar", "SGLang: grammar engine. nl always uses xgrammar.",
                                    ("xgrammar",))
     constrained_json_whitespace_pattern: Optional[str] = _compat(
@@ -190,10 +198,15 @@ class ServerArgs:
                 if f.metadata.get("group") == COMPAT_GROUP and getattr(self, f.name) != f.default]
 
     def refused_flags(self) -> list[str]:
-        """Flags set to a value nl cannot honour (metadata `only`); `nl serve` refuses to start."""
+        """Flags set to a value nl cannot honour (metadata `only`, `minimum`); `nl serve` refuses
+        to start."""
+        fields = dataclasses.fields(self)
         return [f"--{f.name.replace('_', '-')} {getattr(self, f.name)} (nl supports only "
-                f"{', '.join(map(str, f.metadata['only']))})" for f in dataclasses.fields(self)
-                if "only" in f.metadata and getattr(self, f.name) not in f.metadata["only"]]
+                f"{', '.join(map(str, f.metadata['only']))})" for f in fields
+                if "only" in f.metadata and getattr(self, f.name) not in f.metadata["only"]] + [
+            f"--{f.name.replace('_', '-')} {getattr(self, f.name)} (must be at least "
+            f"{f.metadata['minimum']})" for f in fields
+            if "minimum" in f.metadata and getattr(self, f.name) < f.metadata["minimum"]]
 
     def env_default(self, name: str, env: str, fallback: Any) -> Any:
         """Flag `name` if set, else SGLang's environment variable `env`, else `fallback`."""

@@ -37,6 +37,27 @@ def _make_runner(server_args):
     return ModelRunner(server_args)
 
 
+def _place_dp_group(server_args, dp_rank: int, log):
+    """--dp-size groups on one machine: group g on GPU g when there is a GPU per group (as SGLang
+    places them); otherwise the groups share the device, each sizing its KV pool from 1/dp_size
+    of the memory fraction (they measure the same free memory at the same time)."""
+    if server_args.dp_size == 1:
+        return server_args
+    import torch
+
+    if (server_args.device in ("auto", "cuda") and torch.cuda.is_available()
+            and torch.cuda.device_count() >= server_args.dp_size):
+        torch.cuda.set_device(dp_rank)
+        return server_args
+    if server_args.max_total_tokens or server_args.mem_fraction_static:
+        return server_args  # set by the user: taken as meant for each group
+    shared = torch.cuda.is_available() and server_args.device != "cpu"
+    # ModelRunner's defaults (0.88 of a GPU, 0.25 of CPU memory), split between the groups.
+    fraction = (0.88 if shared else 0.25) / server_args.dp_size
+    log.info("DP group %d shares the device: KV pool from %.3f of free memory", dp_rank, fraction)
+    return server_args.replace(mem_fraction_static=fraction)
+
+
 def _preload_tokenizer(sched, log) -> None:
     """Stop strings and grammars need the tokenizer in the engine; load it before serving."""
     try:
@@ -88,7 +109,7 @@ class _Watchdog(threading.Thread):
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
-def run_engine(server_args, in_addr: str, out_addr: str) -> None:
+def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0) -> None:
     # Ctrl-C reaches the whole process group: the API process handles it and stops us with a
     # ShutdownReq (or SIGTERM), so the engine must not die mid-step with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -98,7 +119,8 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
     from nlcli.engine.scheduler.scheduler import Scheduler
     from nlcli.engine.scheduler.books import MemoryLeakError
 
-    configure_logging(server_args.log_level, " TP0")
+    configure_logging(server_args.log_level,
+                      f" DP{dp_rank} TP0" if server_args.dp_size > 1 else " TP0")
     log = logging.getLogger("nlcli.engine")
     parent = os.getppid()
     ctx = zmq.Context()
@@ -121,6 +143,7 @@ def run_engine(server_args, in_addr: str, out_addr: str) -> None:
 
     started = time.monotonic()
     try:
+        server_args = _place_dp_group(server_args, dp_rank, log)
         runner = _make_runner(server_args)
         runner.warmup()
         sched = Scheduler(server_args, runner, send_obj)

@@ -133,30 +133,58 @@ def launch_server(args) -> int:
         for line in ("!" * 78, "WARNING: " + warning, "!" * 78):
             logger.warning("%s", line)
     ipc_dir = tempfile.mkdtemp(prefix="nl-ipc-")
-    in_addr, out_addr = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
-    proc = mp.get_context("spawn").Process(target=run_engine, args=(args, in_addr, out_addr),
-                                           name="nl-engine")
-    proc.start()
+    # One engine group per --dp-size, each on its own pair of sockets.
+    in_addrs = [f"ipc://{ipc_dir}/in{g}" for g in range(args.dp_size)]
+    out_addrs = [f"ipc://{ipc_dir}/out{g}" for g in range(args.dp_size)]
+    procs: list = []
     _install_signal_handlers()
     try:
-        return asyncio.run(_serve(args, source, proc, in_addr, out_addr))
+        for g in range(args.dp_size):
+            procs += start_engine(args, in_addrs[g], out_addrs[g], dp_rank=g)
+        return asyncio.run(_serve(args, source, procs, in_addrs, out_addrs))
     except KeyboardInterrupt:
         return 130
     finally:
-        _stop_engine(proc)
+        if not all(p.is_alive() for p in procs):  # a group died: stop the others now
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+        for proc in procs:
+            _stop_engine(proc)
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
+def start_engine(args, in_addr: str, out_addr: str, dp_rank: int = 0) -> list:
+    """Start the engine process(es) of one engine group (DP rank `dp_rank`), serving on the
+    ZMQ addresses `in_addr` / `out_addr`; the started processes."""
+    name = "nl-engine" if args.dp_size == 1 else f"nl-engine-dp{dp_rank}"
+    proc = mp.get_context("spawn").Process(target=run_engine, name=name,
+                                           args=(args, in_addr, out_addr, dp_rank))
+    proc.start()
+    return [proc]
+
+
+def _all_alive(procs: list) -> bool:
+    """Every engine process is alive; the first dead one is logged (once)."""
+    for proc in procs:
+        if not proc.is_alive():
+            if proc.exitcode is not None:
+                logger.error("%s exited with code %s", proc.name, proc.exitcode)
+            return False
+    return True
+
+
+async def _serve(args, source, procs: list, in_addrs: list[str], out_addrs: list[str]) -> int:
     from nlcli.engine.api.http_protocol import uvicorn_settings
     from nlcli.engine.api.http_server import create_app
     from nlcli.engine.api.tokenizer_manager import TokenizerManager
 
     tokenizer = None if args.skip_tokenizer_init else await asyncio.to_thread(
         source.load_tokenizer, args.tokenizer_path)
-    tm = TokenizerManager(args, tokenizer, in_addr, out_addr)
+    tm = TokenizerManager(args, tokenizer, in_addrs, out_addrs)
+    alive = lambda: _all_alive(procs)  # noqa: E731
     try:
-        ready = await tm.wait_ready(proc.is_alive, ENGINE_START_TIMEOUT)
+        ready = await tm.wait_ready(alive, ENGINE_START_TIMEOUT)
     except RuntimeError as e:
         logger.error("%s", e)
         return 1
@@ -174,7 +202,7 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
         state["exit_code"] = 1
         server.should_exit = True
 
-    tm.start(proc.is_alive, on_dead)
+    tm.start(alive, on_dead)
     warm = asyncio.create_task(_warmup(args, server, tm, ready, state))
     drain = asyncio.create_task(_drain_on_signal(server, tm, state))
     await server.serve()

@@ -22,6 +22,7 @@ from nlcli import __version__
 from nlcli.engine.api.encode import NOT_GENERATION_MESSAGE, register_embedding_routes
 from nlcli.engine.api.engine_health import probe_generate
 from nlcli.engine.api.errors import install_error_handlers
+from nlcli.engine.api.flush import FlushManager
 from nlcli.engine.api.http_utils import (engine_rejection, finals_or_disconnect, json_response,
                                          last_output, native_error, read_json)
 from nlcli.engine.api.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
@@ -83,17 +84,20 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
     @app.get("/server_info")
     async def get_server_info():
         info = app.state.server_args.public_dict()
-        info.update(status="ready", max_total_num_tokens=tm.pool_size, version=__version__)
+        info.update(status="ready", max_total_num_tokens=tm.pool_size, version=__version__,
+                    internal_states=tm.internal_states())
         return json_response(info)
 
     @app.api_route("/get_memory_pool_size", methods=["GET", "POST"])
     async def get_memory_pool_size():
         return json_response(tm.pool_size)
 
+    flusher = FlushManager(tm)
+
     @app.post("/flush_cache")
     async def flush_cache():
         try:
-            ok = await tm.flush_cache()
+            ok = await flusher.flush()
         except (EngineDeadError, asyncio.TimeoutError):
             return Response(status_code=503)
         # Upstream later answers a refused flush with 400; the body text stays the same.

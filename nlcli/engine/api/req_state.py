@@ -39,6 +39,7 @@ class ReqState:
         # so the route answers it with that status (a 503) rather than a 200.
         self.abort_reason: Optional[dict] = None
         self.sent_at: Optional[float] = None  # monotonic time the engine was sent it (None: held)
+        self.group = 0  # the engine group (--dp-size) it was routed to
 
     def mark_tokens(self, now: float, n: int) -> Optional[float]:
         """Note that `n` tokens arrived at `now`; the gap since the previous ones (None for the

@@ -1,8 +1,11 @@
-"""TokenizerManager: the API process's link to the engine, and its side of generation.
+"""TokenizerManager: the API process's link to the engine groups, and its side of generation.
 
 Sends requests over ZMQ (validated and tokenized by prepare.py), turns the engine's token deltas
 into cumulative text and meta_info, and aborts what clients abandon. It also watches the engine:
 heartbeats, and process death (every pending request then fails at once with EngineDeadError).
+With --dp-size N it talks to N engine groups: each request goes to the group the router picks
+(api/dp/router.py), control messages go to every group and their answers are merged (dp/fan_in.py),
+and health is per group (dp/groups.py).
 
 It owns the table of in-flight requests. The other API-side managers use only its small public
 interface: `submit_tokenized` (embeddings), `on_message` (engine answers by type), `pending`,
@@ -16,45 +19,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import AsyncIterator, Callable, Optional
 
 import zmq
 import zmq.asyncio
 
-from nlcli.engine.api.engine_health import is_wedged
-from nlcli.engine.api.engine_link import EngineLink, dumps
+from nlcli.engine.api.dp.fan_in import ReplyGather
+from nlcli.engine.api.dp.groups import EngineGroups
+from nlcli.engine.api.dp.router import make_router
+from nlcli.engine.api.engine_link import EngineInbox, EngineLink, dumps
+from nlcli.engine.api.engine_watch import EngineWatch
 from nlcli.engine.api.native_input import GenItem
-from nlcli.engine.api.prepare import import_grammar, max_chars_per_token, prepare_all
+from nlcli.engine.api.prepare import max_chars_per_token, prepare_all
 from nlcli.engine.api.req_state import EngineDeadError, ReqState
-from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReq,
-                                    FlushCacheReqOutput, Heartbeat, ShutdownReq,
-                                    TokenizedGenerateReqInput)
+from nlcli.engine.io_struct import (AbortReq, BatchTokenIDOut, EngineReady, FlushCacheReqOutput,
+                                    Heartbeat, ShutdownReq,
+                                    TokenizedGenerateReqInput, UpdateWeightReqOutput)
 
 __all__ = ["EngineDeadError", "ReqState", "TokenizerManager"]
 
 logger = logging.getLogger("nlcli.tokenizer_manager")
 
 
-class TokenizerManager:
-    def __init__(self, server_args, tokenizer, send_addr: str, recv_addr: str):
+class TokenizerManager(EngineWatch):
+    def __init__(self, server_args, tokenizer, send_addr: str | list[str],
+                 recv_addr: str | list[str]):
+        """One address each, or one per engine group (--dp-size)."""
+        send_addrs = [send_addr] if isinstance(send_addr, str) else list(send_addr)
+        recv_addrs = [recv_addr] if isinstance(recv_addr, str) else list(recv_addr)
         self.args = server_args
         self.ready: Optional[EngineReady] = None
         self.tokenizer = tokenizer
         self.context_len = self.pool_size = 0
         self.ctx = zmq.asyncio.Context()
-        self.link = EngineLink(self.ctx, send_addr)
-        self.recv_sock = self.ctx.socket(zmq.PULL)
-        self.recv_sock.connect(recv_addr)
+        self.link = EngineLink(self.ctx, send_addrs)
+        self.inbox = EngineInbox(self.ctx, recv_addrs)
+        self.groups = EngineGroups(len(send_addrs))
+        self.router = make_router(server_args.load_balance_method, len(send_addrs))
+        self._replies = ReplyGather(len(send_addrs))
         self._states: dict[str, ReqState] = {}
-        self.last_heartbeat = self.last_output = time.monotonic()
-        self.gauges, self.gauges_at = Heartbeat(), 0.0
         self.chars_per_token = max_chars_per_token(tokenizer) if tokenizer is not None else 0
         self.dead: Optional[str] = None
         self.draining = False
-        self.flush_lock = asyncio.Lock()
-        self.flush_future: Optional[asyncio.Future] = None
         self.metrics = None  # EngineMetrics, set by metrics.mount_metrics (--enable-metrics)
         self._tasks: list[asyncio.Task] = []
         # Engine messages this manager does not know, by type (registered by on_message).
@@ -74,58 +81,6 @@ class TokenizerManager:
         was, self.draining = self.draining, True
         return not was
 
-    # ---- lifecycle -------------------------------------------------------------------------
-    async def wait_ready(self, engine_alive: Callable[[], bool], timeout: float) -> EngineReady:
-        """Wait for the engine's EngineReady; RuntimeError if it dies or times out first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if await self.recv_sock.poll(200):
-                msg = await self.recv_sock.recv_pyobj()
-                if isinstance(msg, EngineReady):
-                    self.ready = msg
-                    self.context_len = msg.context_len
-                    self.pool_size = msg.max_total_num_tokens
-                    self.last_heartbeat = time.monotonic()
-                    return msg
-            elif not engine_alive():
-                raise RuntimeError("The engine process exited during start-up (see the log above).")
-        raise RuntimeError(f"The engine did not become ready within {timeout:.0f} s.")
-
-    def start(self, engine_alive: Callable[[], bool], on_dead: Callable[[], None]) -> None:
-        # The first constrained request would otherwise stall the event loop importing xgrammar.
-        if self.ready is None or self.ready.is_generation:
-            threading.Thread(target=import_grammar, daemon=True, name="grammar-import").start()
-        self._tasks.append(asyncio.create_task(self._recv_loop()))
-        self._tasks.append(asyncio.create_task(self._watch(engine_alive, on_dead)))
-
-    async def _watch(self, engine_alive, on_dead) -> None:
-        while self.dead is None:
-            if not engine_alive():
-                self.mark_dead("The engine process exited unexpectedly.")
-                on_dead()
-                return
-            await asyncio.sleep(0.2)
-
-    def mark_dead(self, reason: str) -> None:
-        if self.dead is not None:
-            return
-        self.dead = reason
-        logger.error("%s Failing %d pending request(s).", reason, len(self._states))
-        for st in self._states.values():
-            st.fail(EngineDeadError(reason))
-        if self.flush_future and not self.flush_future.done():
-            self.flush_future.set_exception(EngineDeadError(reason))
-
-    def is_healthy(self) -> bool:
-        # Beats come about once a second between steps: longer silence is one slow (hung?) step.
-        stale = time.monotonic() - self.last_heartbeat > max(self.args.watchdog_timeout, 2.0)
-        return self.dead is None and not self.draining and not stale and not self.wedged()
-
-    def wedged(self) -> bool:
-        """Requests sent long ago that the (heartbeating) engine says it no longer has."""
-        return is_wedged((st.sent_at for st in self.in_flight() if st.sent_at is not None),
-                         self.gauges, self.gauges_at, self.last_output, time.monotonic())
-
     def shutdown(self, message: str) -> None:
         """Abort whatever is still in flight, then ask the engine to stop."""
         self.abort(list(self._states), message)
@@ -134,11 +89,13 @@ class TokenizerManager:
     # ---- sending and holding -----------------------------------------------------------------
     def send(self, msg: object, frame: Optional[bytes] = None) -> None:
         """Send `msg` (pickled, or as its pickle `frame`) to the engine, nothing once it is dead;
-        new requests wait while held."""
+        new requests go to the group chosen for them and wait while held, anything else goes to
+        every group."""
         if self.dead is not None:
             return
         frame = frame if frame is not None else dumps(msg)
         if not isinstance(msg, TokenizedGenerateReqInput):
+            self._replies.expect(msg)
             self.link.send(frame)
         elif self.link.send_or_hold(msg.rid, frame):
             self._mark_sent(msg.rid)
@@ -154,10 +111,10 @@ class TokenizerManager:
 
     def release_held(self) -> None:
         """Send the held requests in arrival order, except those abandoned while they waited."""
-        for rid, frame in self.link.take_held():
+        for rid, frame, group in self.link.take_held():
             st = self._states.get(rid)
             if st is not None and not st.finished and self.dead is None:
-                self.link.send(frame)
+                self.link.send_to(group, frame)
                 self._mark_sent(rid)
 
     def in_flight(self) -> list[ReqState]:
@@ -190,8 +147,14 @@ class TokenizerManager:
         except RecursionError:
             raise ValueError("The request is nested too deeply to be sent to the engine.") from None
         registered: list[ReqState] = []
+        loads = self.groups.loads(self.in_flight()) if len(self.groups) > 1 else [0]
         try:
             for (msg, st), frame in zip(prepared, frames):
+                if len(self.groups) > 1:
+                    st.group = self.router.choose(msg.input_ids, loads)
+                    loads[st.group] += 1
+                    self.link.assign(msg.rid, st.group)
+                self.groups.routed(st.group)
                 self._states[st.rid] = st
                 registered.append(st)
                 if self.args.log_requests:
@@ -210,24 +173,22 @@ class TokenizerManager:
             st.finished = True
         for st in states:
             if st.sent_at is not None:
-                self.send(AbortReq(rid=st.rid, message="Submission failed"))
+                self._send_abort(st, "Submission failed")
 
     # ---- engine outputs --------------------------------------------------------------------
     async def _recv_loop(self) -> None:
         while True:
-            msg = await self.recv_sock.recv_pyobj()
-            self.last_heartbeat = now = time.monotonic()
-            if not isinstance(msg, Heartbeat):
-                self.last_output = now
+            group, msg = await self.inbox.recv()
+            self.groups.heard(group, msg)
+            if isinstance(msg, ReplyGather.KINDS):
+                msg = self._replies.add(group, msg)  # None until every group answered
+                if isinstance(msg, (FlushCacheReqOutput, UpdateWeightReqOutput)) and msg.success:
+                    self.router.forget()  # the groups' prefix caches are empty now
             if isinstance(msg, BatchTokenIDOut):
                 self._on_tokens(msg)
             elif isinstance(msg, Heartbeat):
-                self.gauges, self.gauges_at = msg, now
                 if self.metrics:
-                    self.metrics.on_heartbeat(msg)
-            elif isinstance(msg, FlushCacheReqOutput):
-                if self.flush_future and not self.flush_future.done():
-                    self.flush_future.set_result(msg.success)
+                    self.metrics.on_heartbeat(self.gauges)
             elif type(msg) in self._handlers:
                 self._handlers[type(msg)](msg)
 
@@ -251,8 +212,10 @@ class TokenizerManager:
             logger.info("Finish rid=%s prompt_tokens=%d completion_tokens=%d finish_reason=%s",
                         st.rid, meta["prompt_tokens"], meta["completion_tokens"],
                         meta["finish_reason"])
-        if self.metrics and not st.rid.startswith("HEALTH_CHECK"):
-            self.metrics.on_finish(st, meta)
+        if not st.rid.startswith("HEALTH_CHECK"):
+            self.groups.finished(st.group, meta)
+            if self.metrics:
+                self.metrics.on_finish(st, meta)
 
     # ---- requests --------------------------------------------------------------------------
     async def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
@@ -284,17 +247,21 @@ class TokenizerManager:
             st = self._states.pop(rid, None)
             if st is not None and not st.finished:
                 st.finished = True
-                self.send(AbortReq(rid=rid, message=message))
+                self._send_abort(st, message)
+
+    def _send_abort(self, st: ReqState, message: str) -> None:
+        """Abort `st` in the one group it was sent to."""
+        if self.dead is None:
+            self.link.send_to(st.group, dumps(AbortReq(rid=st.rid, message=message)))
 
     def request_abort(self, rid: str) -> None:
-        """/abort_request: the engine finishes the request with an abort the waiter still sees."""
-        self.send(AbortReq(rid=rid, message="Abort request"))
+        """/abort_request: the engine finishes the request with an abort the waiter still sees
+        (sent to every group when the rid is not, or no longer, known here)."""
+        st = self._states.get(rid)
+        if st is not None:
+            self._send_abort(st, "Abort request")
+        else:
+            self.send(AbortReq(rid=rid, message="Abort request"))
 
     def abort_all(self) -> None:
         self.send(AbortReq(abort_all=True, message="Abort request"))
-
-    async def flush_cache(self) -> bool:
-        async with self.flush_lock:
-            self.flush_future = asyncio.get_running_loop().create_future()
-            self.send(FlushCacheReq())
-            return await asyncio.wait_for(self.flush_future, timeout=60)
