@@ -73,6 +73,7 @@ def create_app(args, tm: TokenizerManager, model_info: dict) -> Any:
         return Response(status_code=200 if await probe_generate(tm) else 503)
 
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name (sglang-router asks it first)
     async def get_model_info():
         return json_response(model_info)
 

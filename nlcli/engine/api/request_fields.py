@@ -110,6 +110,8 @@ GENERATE = FieldPolicy(
         "video_max_dynamic_patch": (), "images_config": (), "mm_processor_kwargs": (),
         "multi_item_delimiter_indices": (), "token_indices_to_pool": (), "cache_salt": (),
         "kv_hints": (),
+        # Not SGLang's field: sglang-router re-serializes /generate bodies with `"model": null`.
+        "model": (),
     },
     unknown_is_typo=True,
 )
@@ -137,7 +139,11 @@ _SAMPLING = ("model", "temperature", "top_p", "n", "stop", "stream", "stream_opt
              "stop_regex", "custom_params", "custom_logit_processor")
 # OpenAI fields whose usual values ask for nothing nl lacks.
 _OPENAI_NEUTRAL = {"store": (False,), "service_tier": ("auto", "default"), "metadata": ({},),
-                   "modalities": (["text"],), "parallel_tool_calls": (True,)}
+                   "modalities": (["text"],), "parallel_tool_calls": (True,),
+                   # SGLang's defaults, which sglang-router sends on every chat request: nothing
+                   # to separate without a reasoning parser, no hidden states asked for.
+                   "separate_reasoning": (True,), "stream_reasoning": (True,),
+                   "return_hidden_states": (False,)}
 
 OPENAI_POLICIES: dict[str, FieldPolicy] = {
     "CompletionRequest": FieldPolicy(
