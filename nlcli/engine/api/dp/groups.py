@@ -108,9 +108,8 @@ class EngineGroups:
     def internal_states(self, unfinished: list) -> list[dict]:
         """Per group, for /get_server_info (SGLang reports one `internal_states` entry per DP
         rank): its gauges and nl's own counters of what it was routed and finished."""
-        loads, now = self.loads(unfinished), time.monotonic()
+        loads = self.loads(unfinished)
         return [{"dp_rank": i, **dataclasses.asdict(g.gauges), "num_routed_reqs": g.routed,
                  "num_in_flight_reqs": loads[i], "num_finished_reqs": g.finished,
-                 "prompt_tokens": g.prompt_tokens, "cached_tokens": g.cached_tokens,
-                 "seconds_since_heartbeat": round(now - g.last_heartbeat, 3)}
+                 "prompt_tokens": g.prompt_tokens, "cached_tokens": g.cached_tokens}
                 for i, g in enumerate(self.states)]
