@@ -245,12 +245,15 @@ def test_live_v1_extra_body_through_the_sdk(url):
     msgs = [{"role": "user", "content": "Hi"}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=msgs, max_tokens=2,
-                                       extra_body={"separate_reasoning": True})
-    assert "separate_reasoning is not supported by this server." in str(e.value)
+                                       extra_body={"lora_path": "my-adapter"})
+    assert "lora_path is not supported by this server." in str(e.value)
     # Neutral values ask for nothing nl lacks: accepted.
     out = client.chat.completions.create(model="m", messages=msgs, max_tokens=2, store=False,
                                          parallel_tool_calls=True, tool_choice="auto",
-                                         extra_body={"lora_path": None, "best_of": None})
+                                         extra_body={"lora_path": None, "best_of": None,
+                                                     # SGLang's defaults; sglang-router sends them
+                                                     "separate_reasoning": True,
+                                                     "stream_reasoning": True})
     assert out.choices[0].finish_reason == "length"
     out = client.completions.create(model="m", prompt="Hi", max_tokens=2, best_of=1)
     assert out.choices[0].finish_reason == "length"
