@@ -89,6 +89,10 @@ def test_both_groups_serve_and_cache_aware_hits_more(servers):
 def test_control_routes_cover_every_group(servers):
     url = servers["cache_aware"].url
     assert httpx.get(url + "/health", timeout=30).status_code == 200
+    before = _states(url)  # /health_generate probes every group
+    assert httpx.get(url + "/health_generate", timeout=30).status_code == 200
+    assert [s["num_routed_reqs"] for s in _states(url)] == [s["num_routed_reqs"] + 1
+                                                             for s in before]
     r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PREFIXES[0],
                                                   "max_tokens": 2}, timeout=60)
     assert r.status_code == 200, r.text

@@ -41,16 +41,21 @@ def is_wedged(sent_times: Iterable[float], gauges: Heartbeat, gauges_at: float, 
 
 
 async def probe_generate(tm) -> bool:
-    """/health_generate: healthy, and a one-token generation finishes in time."""
+    """/health_generate: healthy, and a one-token generation finishes in time in every engine
+    group (--dp-size)."""
     if not tm.is_healthy():
         return False
-    rid = f"HEALTH_CHECK_{uuid.uuid4().hex}"
-    item = GenItem(None, [0], {"max_new_tokens": 1, "temperature": 0.7}, rid)
+    tag = uuid.uuid4().hex
+    rids = [f"HEALTH_CHECK_{tag}_{g}" for g in range(len(tm.groups))]
     try:
-        (st,) = await tm.submit([item], stream=True)
-        await asyncio.wait_for(tm.next_output(st), timeout=HEALTH_CHECK_TIMEOUT)
+        states = []
+        for g, rid in enumerate(rids):
+            item = GenItem(None, [0], {"max_new_tokens": 1, "temperature": 0.7}, rid)
+            states += await tm.submit([item], stream=True, group=g)
+        await asyncio.wait_for(asyncio.gather(*(tm.next_output(st) for st in states)),
+                               timeout=HEALTH_CHECK_TIMEOUT)
         return True
     except (asyncio.TimeoutError, EngineDeadError, ValueError):
         return False
     finally:
-        tm.abort([rid], "health check done")
+        tm.abort(rids, "health check done")

@@ -133,11 +133,12 @@ class TokenizerManager(EngineWatch):
         if self.draining:
             raise EngineDeadError("The server is shutting down.")
 
-    def submit_tokenized(self, prepared: list[tuple[TokenizedGenerateReqInput, ReqState]]
-                         ) -> list[ReqState]:
-        """Register and send requests already validated and tokenized; all or none: a refused
-        one (engine dead, draining, rid in use, a message that cannot be pickled) sends nothing,
-        and a failure while sending rolls back every state of the request."""
+    def submit_tokenized(self, prepared: list[tuple[TokenizedGenerateReqInput, ReqState]],
+                         group: Optional[int] = None) -> list[ReqState]:
+        """Register and send requests already validated and tokenized (to the router's groups, or
+        all to `group`); all or none: a refused one (engine dead, draining, rid in use, a message
+        that cannot be pickled) sends nothing, and a failure while sending rolls back every
+        state of the request."""
         self.check_accepting()
         for msg, _ in prepared:
             if msg.rid in self._states:
@@ -151,7 +152,7 @@ class TokenizerManager(EngineWatch):
         try:
             for (msg, st), frame in zip(prepared, frames):
                 if len(self.groups) > 1:
-                    st.group = self.router.choose(msg.input_ids, loads)
+                    st.group = self.router.choose(msg.input_ids, loads) if group is None else group
                     loads[st.group] += 1
                     self.link.assign(msg.rid, st.group)
                 self.groups.routed(st.group)
@@ -218,13 +219,15 @@ class TokenizerManager(EngineWatch):
                 self.metrics.on_finish(st, meta)
 
     # ---- requests --------------------------------------------------------------------------
-    async def submit(self, items: list[GenItem], stream: bool) -> list[ReqState]:
-        """Validate all items first (a bad one rejects the whole batch), then send them."""
+    async def submit(self, items: list[GenItem], stream: bool,
+                     group: Optional[int] = None) -> list[ReqState]:
+        """Validate all items first (a bad one rejects the whole batch), then send them (all to
+        engine group `group` if given)."""
         self.check_accepting()
         prepared = await prepare_all(items, stream, self.tokenizer, self.ready, self.context_len,
                                      self.pool_size, self.chars_per_token,
                                      self.args.enable_custom_logit_processor)
-        return self.submit_tokenized(prepared)
+        return self.submit_tokenized(prepared, group)
 
     async def next_output(self, st: ReqState) -> dict:
         out = await st.queue.get()
