@@ -15,6 +15,7 @@ generation fails.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import multiprocessing as mp
@@ -182,7 +183,7 @@ async def _serve(args, source, procs: list, in_addrs: list[str], out_addrs: list
     tokenizer = None if args.skip_tokenizer_init else await asyncio.to_thread(
         source.load_tokenizer, args.tokenizer_path)
     tm = TokenizerManager(args, tokenizer, in_addrs, out_addrs)
-    alive = lambda: _all_alive(procs)  # noqa: E731
+    alive = functools.partial(_all_alive, procs)
     try:
         ready = await tm.wait_ready(alive, ENGINE_START_TIMEOUT)
     except RuntimeError as e:

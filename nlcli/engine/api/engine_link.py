@@ -81,6 +81,8 @@ class EngineInbox:
 
     async def recv(self) -> tuple[int, object]:
         """(group, message); groups that have messages take turns."""
+        if len(self.socks) == 1 and not self._ready:  # one group: no poll per message
+            return 0, await self.socks[0].recv_pyobj()
         while not self._ready:
             await self.poll(None)
         sock = self._ready.pop(0)
