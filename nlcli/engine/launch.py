@@ -147,9 +147,8 @@ def launch_server(args) -> int:
         return 130
     finally:
         if not all(p.is_alive() for p in procs):  # a group died: stop the others now
-            for proc in procs:
-                if proc.is_alive():
-                    proc.terminate()
+            for proc in [p for p in procs if p.is_alive()]:
+                proc.terminate()
         for proc in procs:
             _stop_engine(proc)
         shutil.rmtree(ipc_dir, ignore_errors=True)
