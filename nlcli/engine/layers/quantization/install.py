@@ -21,7 +21,7 @@ import torch
 
 from nlcli.engine.layers.quantization import prepack
 from nlcli.engine.layers.quantization.choose import Layer, measure
-from nlcli.engine.layers.quantization.methods import Dense, int4_method, int8_method
+from nlcli.engine.layers.quantization.methods import Dense, Quantized, int4_method, int8_method
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
     if mode == "none":
         plan.reason = f"--quantization none; {why_prepack}"
         return reinstall(model, plan)
-    probe = _build(plan, targets, max_rows=1 << 30)
-    layers = [Layer(w.shape[1], _dense(w, prepacked), m) for (_, w, _), m in zip(targets, probe)
-              if not isinstance(m, (Dense, prepack.Prepacked))]
+    methods = _build(plan, targets, max_rows=1 << 30)
+    layers = [Layer(w.shape[1], m.dense, m) for (_, w, _), m in zip(targets, methods)
+              if isinstance(m, Quantized)]
     if not layers:
         plan.mode, plan.reason = "none", f"{mode}: no 4-bit matrices in the checkpoint"
         return reinstall(model, plan)
@@ -132,15 +132,21 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
     plan.max_rows = max(got.max_rows, 1)  # asked for explicitly: used at one row at least
     src = "auto" if requested in (None, "auto") else f"--quantization {mode}"
     plan.reason = f"{src}, measured per step {got.text()}; {why_prepack}"
-    return reinstall(model, plan)
+    for m in methods:
+        if isinstance(m, Quantized):
+            m.max_rows = plan.max_rows
+    return _set(targets, methods, plan)
 
 
 def reinstall(model: torch.nn.Module, plan: QuantPlan) -> QuantPlan:
     """(Re)build every method from the model's current weights with `plan`'s choices."""
     targets = _targets(model)
-    methods = _build(plan, targets, plan.max_rows) if targets else []
+    return _set(targets, _build(plan, targets, plan.max_rows), plan)
+
+
+def _set(targets, methods, plan: QuantPlan) -> QuantPlan:
     plan.total = len(methods)
-    plan.quantized = sum(not isinstance(m, (Dense, prepack.Prepacked)) for m in methods)
+    plan.quantized = sum(isinstance(m, Quantized) for m in methods)
     for (install, _, _), method in zip(targets, methods):
         install(None if isinstance(method, Dense) else method)
     return plan
