@@ -46,6 +46,15 @@ def test_int4_grid_is_read_back_exactly_and_packs_to_the_same_matmul():
     torch.testing.assert_close(yb, F.linear(x, w), rtol=0.03, atol=0.03)
 
 
+def test_int4_grid_survives_bfloat16_weights():
+    # A model loaded in bfloat16 rounded the file's grid: it is read back to bfloat16 precision.
+    w = _grid_weight(128, 64).bfloat16()
+    q, d, m = int4_pack.grid_of(w)
+    bound = w.float().abs().amax() * torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(int4_pack.unpack(q, d, m), w.float(), rtol=0, atol=float(bound))
+    assert int4_pack.grid_of(torch.randn(128, 64).bfloat16()) is None
+
+
 def test_int4_rounding_of_weights_off_the_grid():
     w = torch.randn(64, 96)
     assert int4_pack.grid_of(w) is None

@@ -62,6 +62,7 @@ class ModelRunner:
         self.quant_plan = install_linear_methods(self.model, server_args.quantization, self.dtype,
                                                  self.device)
         logger.info("Quantization: %s", self.quant_plan.describe())
+        self.weight_bytes += self.quant_plan.extra_bytes
         self._cap_context_to_positions()
         loaded = time.perf_counter()
         self._init_memory_pool(free_before)

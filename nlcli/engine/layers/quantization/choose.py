@@ -4,7 +4,7 @@ on the model's own matrices in order, like a decode step reads them.
 A sweep over every layer's weight is the working set a real step streams from memory (hundreds of
 MB), so it measures the bandwidth-bound regime the quantized kernels are for; one matrix alone
 would sit in cache and flatter the dense matmul. A few sweeps per row count, quadrupling the rows
-until the candidate stops winning, keep this to about a second on a 2-core CPU.
+until the candidate stops winning or the time budget (1.5 s) would run out, keep start-up cheap.
 """
 
 from __future__ import annotations
@@ -48,12 +48,17 @@ def sweep_seconds(fns: Sequence[Callable], inputs: Sequence[torch.Tensor], reps:
 
 
 @torch.inference_mode()
-def measure(layers: Sequence[Layer], dtype: torch.dtype, rows: Sequence[int] = ROWS) -> Measurement:
+def measure(layers: Sequence[Layer], dtype: torch.dtype, rows: Sequence[int] = ROWS,
+            budget_s: float = 1.5) -> Measurement:
     """Time dense vs candidate over all layers at 1, 4, 16, ... rows, stopping at the first loss
     (a threshold between two measured row counts rounds down: the cost of a wrong guess upward
     is the quantized kernel's steep growth with rows)."""
-    timings, max_rows = [], 0
+    timings, max_rows, start = [], 0, time.perf_counter()
     for i, m in enumerate(rows):
+        if timings:  # the next row count costs about 4x the last: stop within the budget
+            spent = time.perf_counter() - start
+            if spent + 4 * 4 * (timings[-1][1] + timings[-1][2]) / 1e3 > budget_s:
+                break
         inputs = [torch.randn(m, layer.in_features).to(dtype) for layer in layers]
         dense = sweep_seconds([layer.dense for layer in layers], inputs, warm=i == 0)
         cand = sweep_seconds([layer.candidate for layer in layers], inputs, warm=i == 0)

@@ -39,12 +39,14 @@ class QuantPlan:
     reason: str = ""
     quantized: int = 0
     total: int = 0
+    extra_bytes: int = 0  # the quantized copies, beside the dense weights
 
     def describe(self) -> str:
         dense = "dense (oneDNN prepacked)" if self.prepacked else "dense"
         if self.mode == "none":
             return f"none: {dense} matmuls ({self.reason})"
-        return (f"{self.mode} for {self.quantized} of {self.total} matrices at up to "
+        return (f"{self.mode} for {self.quantized} of {self.total} matrices "
+                f"({self.extra_bytes / 2**20:.1f} MiB beside the dense weights) at up to "
                 f"{self.max_rows} rows per matmul, {dense} above ({self.reason})")
 
 
@@ -147,6 +149,7 @@ def reinstall(model: torch.nn.Module, plan: QuantPlan) -> QuantPlan:
 def _set(targets, methods, plan: QuantPlan) -> QuantPlan:
     plan.total = len(methods)
     plan.quantized = sum(isinstance(m, Quantized) for m in methods)
+    plan.extra_bytes = sum(m.nbytes for m in methods if isinstance(m, Quantized))
     for (install, _, _), method in zip(targets, methods):
         install(None if isinstance(method, Dense) else method)
     return plan

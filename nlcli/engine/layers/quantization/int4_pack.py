@@ -38,8 +38,10 @@ def _chunk_grid(w: torch.Tensor, check: bool):
     q = blocks.sub(lo).div_(safe).round_().clamp_(0, 15)
     on_grid = True
     if check:
-        # A weight off the grid misses it by up to step / 2; float rounding by a few ulps of |w|.
-        tol = 1e-3 * step + 8 * torch.finfo(torch.float32).eps * torch.maximum(lo.abs(), hi.abs())
+        # A weight off the grid misses it by up to step / 2; rounding to the model's dtype by
+        # a few ulps of |w| (bfloat16 weights were rounded from the file's grid at load).
+        ulps = max(2 * torch.finfo(w.dtype).eps, 8 * torch.finfo(torch.float32).eps)
+        tol = 1e-3 * step + ulps * torch.maximum(lo.abs(), hi.abs())
         on_grid = bool((q.mul(step).add_(lo).sub_(blocks).abs_() <= tol).all())
     return q.to(torch.uint8), step, lo, on_grid
 

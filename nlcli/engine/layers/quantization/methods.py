@@ -33,9 +33,11 @@ class Quantized:
     """Quantized kernel for calls of at most `max_rows` rows, `dense` above."""
 
     def __init__(self, kind: str, kernel: Callable[[torch.Tensor], torch.Tensor],
-                 compute_dtype: torch.dtype, out_features: int, dense: Callable, max_rows: int):
+                 compute_dtype: torch.dtype, out_features: int, dense: Callable, max_rows: int,
+                 nbytes: int = 0):
         self.kind, self.kernel, self.compute_dtype = kind, kernel, compute_dtype
         self.out_features, self.dense, self.max_rows = out_features, dense, max_rows
+        self.nbytes = nbytes  # of the quantized copy, beside the dense weight
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.dim() else 0
@@ -50,7 +52,7 @@ def int8_method(weight: torch.Tensor, dense: Callable, compute_dtype: torch.dtyp
                 max_rows: int) -> Quantized:
     packed = int8_pack.pack(*int8_pack.quantize(weight), compute_dtype)
     return Quantized("int8", lambda x: int8_pack.int8_mm(x, packed), compute_dtype,
-                     weight.shape[0], dense, max_rows)
+                     weight.shape[0], dense, max_rows, _nbytes(packed))
 
 
 def int4_method(weight: torch.Tensor, dense: Callable, compute_dtype: torch.dtype, max_rows: int,
@@ -69,4 +71,8 @@ def int4_method(weight: torch.Tensor, dense: Callable, compute_dtype: torch.dtyp
         return None
     kind = "int4 (checkpoint's own)" if grid is not None else "int4"
     return Quantized(kind, lambda x: int4_pack.int4_mm(x, packed), compute_dtype,
-                     weight.shape[0], dense, max_rows)
+                     weight.shape[0], dense, max_rows, _nbytes(packed))
+
+
+def _nbytes(packed) -> int:
+    return sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
