@@ -55,9 +55,9 @@ def measure(layers: Sequence[Layer], dtype: torch.dtype, rows: Sequence[int] = R
     is the quantized kernel's steep growth with rows)."""
     timings, max_rows, start = [], 0, time.perf_counter()
     for i, m in enumerate(rows):
-        if timings:  # the next row count costs about 4x the last: stop within the budget
+        if timings:  # 2 timed sweeps each, at up to ~2x the last row count's: keep the budget
             spent = time.perf_counter() - start
-            if spent + 4 * 4 * (timings[-1][1] + timings[-1][2]) / 1e3 > budget_s:
+            if spent + 2 * 2 * (timings[-1][1] + timings[-1][2]) / 1e3 > budget_s:
                 break
         inputs = [torch.randn(m, layer.in_features).to(dtype) for layer in layers]
         dense = sweep_seconds([layer.dense for layer in layers], inputs, warm=i == 0)
