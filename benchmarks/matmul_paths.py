@@ -72,7 +72,8 @@ def time_shape(name: str, n: int, k: int, rows: list[int], bw: float, budget_mb:
             fns[0](x)  # warm-up (oneDNN primitive creation)
             times = [_seconds(lambda: [fn(x) for fn in fns]) / len(fns) for _ in range(3)]
             cells.append(f"M={m}: {statistics.median(times) * 1e3:8.3f} ms")
-        print(f"{name:8} {n}x{k:<5} {label:28} floor {floor:7.3f} ms  " + "  ".join(cells), flush=True)
+        print(f"{name:8} {n}x{k:<5} {label:28} floor {floor:7.3f} ms  " + "  ".join(cells),
+              flush=True)
 
 
 def main() -> None:
@@ -80,7 +81,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--budget-mb", type=int, default=256, help="weight copies per shape (MB of f32)")
+    ap.add_argument("--budget-mb", type=int, default=256,
+                    help="weight copies per shape (MB of f32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

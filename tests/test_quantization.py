@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlcli.engine.layers.quantization import QuantPlan, int4_pack, int8_pack, prepack
-from nlcli.engine.layers.quantization import reinstall_linear_methods
+from nlcli.engine.layers.quantization import (QuantPlan, int4_pack, int8_pack, prepack,
+                                              reinstall_linear_methods)
 from nlcli.engine.layers.quantization.methods import Dense, int4_method, int8_method
 from nlcli.engine.model_loader.weight_update import update_weights_from_disk
 from tests.tiny_models import EngineDriver, make_runner, perturbed_copy

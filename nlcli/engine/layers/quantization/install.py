@@ -2,9 +2,10 @@
 
 Modes (SGLang's spelling where it has one): `gguf` keeps a checkpoint's own 4-bit matrices as
 4-bit (SGLang's `gguf`; the rest stay dense), `int8` / `int4` quantize every matrix weight-only
-(what SGLang spells `--torchao-config int8wo` / `int4wo-32`; int4 keeps the lm_head at int8), `none` keeps dense matmuls, and
-`auto` (the default) is `none` unless the model runs in bfloat16 on a CPU (then rounding is no
-worse than bfloat16's own) and the checkpoint is 4-bit: then `gguf` where it measures faster.
+(what SGLang spells `--torchao-config int8wo` / `int4wo-32`; int4 keeps the lm_head at int8),
+`none` keeps dense matmuls, and `auto` (the default) is `none` unless the model runs in bfloat16
+on a CPU (then rounding is no worse than bfloat16's own) and the checkpoint is 4-bit: then `gguf`
+where it measures faster.
 float32 is never changed by `auto`, so it stays exact against transformers.
 
 The quantized copies sit beside the dense weights, which serve large batches and stay the source
@@ -14,7 +15,6 @@ of truth: after a weight update `reinstall` rebuilds the copies with the measure
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Callable, Optional
 
 import torch
@@ -22,8 +22,6 @@ import torch
 from nlcli.engine.layers.quantization import prepack
 from nlcli.engine.layers.quantization.choose import Layer, measure
 from nlcli.engine.layers.quantization.methods import Dense, Quantized, int4_method, int8_method
-
-logger = logging.getLogger(__name__)
 
 MODES = ("auto", "none", "gguf", "int8", "int4")
 # torch's vectorized quantized CPU kernels take bfloat16 activations (float32 is a slow loop).
@@ -81,7 +79,8 @@ def _build(plan: QuantPlan, targets, max_rows: int) -> list:
     methods = []
     for _, weight, lm_head in targets:
         dense = _dense(weight, plan.prepacked)
-        quant = _quantized(plan.mode, weight, dense, max_rows, lm_head) if plan.mode != "none" else None
+        quant = None if plan.mode == "none" else _quantized(plan.mode, weight, dense, max_rows,
+                                                            lm_head)
         methods.append(quant or dense)
     return methods
 

@@ -88,4 +88,5 @@ def unpack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def int4_mm(x: torch.Tensor, weights: Int4Weights) -> torch.Tensor:
     """x [M, K] @ w.T in the scales' dtype (the caller casts x)."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weights.packed, GROUP, weights.scales_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weights.packed, GROUP,
+                                                      weights.scales_zeros)
