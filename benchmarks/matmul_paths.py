@@ -72,7 +72,7 @@ def time_shape(name: str, n: int, k: int, rows: list[int], bw: float, budget_mb:
             fns[0](x)  # warm-up (oneDNN primitive creation)
             times = [_seconds(lambda: [fn(x) for fn in fns]) / len(fns) for _ in range(3)]
             cells.append(f"M={m}: {statistics.median(times) * 1e3:8.3f} ms")
-        print(f"{name:8} {n}x{k:<5} {label:28} floor {floor:7.3f} ms  " + "  ".join(cells),
+        print(f"{name:8} {f'{n}x{k}':11} {label:28} floor {floor:7.3f} ms  " + "  ".join(cells),
               flush=True)
 
 
