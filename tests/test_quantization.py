@@ -194,3 +194,16 @@ def test_weight_update_and_rollback_requantize(tiny_model_dir, tmp_path):
     assert torch.equal(logits(live), logits(quantized_runner(perturbed)))
     assert update_weights_from_disk(live, base).success
     assert torch.equal(logits(live), before)
+
+
+def test_auto_changes_no_float32_model_and_no_model_without_a_4bit_grid(tiny_model_dir):
+    base = tiny_model_dir("llama")
+    f32 = make_runner(base)  # quantization unset: auto
+    assert f32.quant_plan.mode == "none" and f32.quant_plan.quantized == 0
+    assert "float32 stays exact" in f32.quant_plan.describe()
+    bf16 = make_runner(base, dtype="bfloat16")
+    assert bf16.quant_plan.mode == "none"
+    assert "no 4-bit matrices" in bf16.quant_plan.describe()
+    explicit = make_runner(base, quantization="int8")
+    assert explicit.quant_plan.quantized == explicit.quant_plan.total > 0
+    assert "--quantization int8, measured per step 1 row" in explicit.quant_plan.describe()
