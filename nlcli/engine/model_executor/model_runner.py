@@ -80,6 +80,8 @@ class ModelRunner:
         """Rebuild the quantized / prepacked copies from the live weights (after an update or a
         rollback), with the choices measured at start."""
         reinstall_linear_methods(self.model, self.quant_plan)
+        if self.quant_plan.mode != "none":
+            logger.info("Quantization after the weight change: %s", self.quant_plan.describe())
 
     def _cap_context_to_positions(self) -> None:
         """An encoder's position table can be shorter than its config's context (RoBERTa numbers

@@ -117,6 +117,7 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
             return reinstall(model, plan)
         mode = "gguf"
     plan = QuantPlan(mode, prepacked=prepacked)
+    src = "auto" if requested in (None, "auto") else f"--quantization {mode}"
     if mode == "none":
         plan.reason = f"--quantization none; {why_prepack}"
         return reinstall(model, plan)
@@ -124,14 +125,13 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
     layers = [Layer(w.shape[1], m.dense, m) for (_, w, _), m in zip(targets, methods)
               if isinstance(m, Quantized)]
     if not layers:
-        plan.mode, plan.reason = "none", f"{mode}: no 4-bit matrices in the checkpoint"
+        plan.mode, plan.reason = "none", f"{src}: no 4-bit matrices in the checkpoint"
         return reinstall(model, plan)
     got = measure(layers, dtype)
-    if requested in (None, "auto") and got.max_rows == 0:
+    if src == "auto" and got.max_rows == 0:
         plan.mode, plan.reason = "none", f"auto: {mode} not faster here ({got.text()})"
         return reinstall(model, plan)
     plan.max_rows = max(got.max_rows, 1)  # asked for explicitly: used at one row at least
-    src = "auto" if requested in (None, "auto") else f"--quantization {mode}"
     plan.reason = f"{src}, measured per step {got.text()}; {why_prepack}"
     for m in methods:
         if isinstance(m, Quantized):
