@@ -19,12 +19,12 @@ import time
 import torch
 
 
-def build_runner(threads: int, pool: int):
+def build_runner(threads: int, pool: int, quantization=None):
     from nlcli.engine.args import ServerArgs
     from nlcli.engine.model_executor.model_runner import ModelRunner
 
     args = ServerArgs(dtype="float32", device="cpu", max_total_tokens=pool, max_running_requests=64,
-                      num_threads=threads)
+                      num_threads=threads, quantization=quantization)
     return ModelRunner(args)
 
 
@@ -75,9 +75,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--profile", type=int, default=0, help="profile decode at this batch size")
+    p.add_argument("--quantization", default=None, help="as nl serve's (none, gguf, int8, int4)")
     a = p.parse_args()
-    runner = build_runner(a.threads, 40000)
-    result = {"threads": torch.get_num_threads()}
+    runner = build_runner(a.threads, 40000, a.quantization)
+    result = {"threads": torch.get_num_threads(), "quantization": runner.quant_plan.describe()}
     for bs in [int(x) for x in a.batch_sizes.split(",")]:
         reqs = Requests(runner, bs, a.ctx)
         result[f"prefill_bs{bs}_ms"] = reqs.prefill_s * 1000

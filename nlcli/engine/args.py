@@ -70,6 +70,18 @@ class ServerArgs:
         "correct.",
         ("auto", "float32", "bfloat16", "float16", "half", "float"),
     )
+    quantization: Optional[str] = _arg(
+        None,
+        "Weight-only quantized matmuls on CPU for small decode batches: fewer bytes read per "
+        "token; larger batches keep the dense matmul. gguf: a GGUF's own 4-bit matrices stay "
+        "4-bit (lossless), the rest dense (SGLang's name). int8: every matrix and the lm_head "
+        "rounded to int8, one scale per row. int4: every matrix 4-bit per 32 weights (a GGUF's "
+        "own kept exactly), the lm_head int8 (SGLang: --torchao-config int8wo / int4wo-32). "
+        "none: dense. Quantized kernels compute in bfloat16. Unset (auto): none in float32, so "
+        "float32 stays exact; in bfloat16, gguf for a 4-bit checkpoint where it measures faster. "
+        "The batch rows up to which the quantized kernel runs are measured at start and logged.",
+        ("auto", "none", "gguf", "int8", "int4"),
+    )
     context_length: Optional[int] = _arg(None, "Override the model's context length.")
     device: str = _arg("auto", "Device: auto (cuda if present), cpu or cuda.", ("auto", "cpu", "cuda"))
     served_model_name: Optional[str] = _arg(None, "Name in /v1/models. Default: the model path.")
@@ -182,8 +194,6 @@ class ServerArgs:
                                       "never runs remote code.")
     kv_cache_dtype: str = _compat("auto", "SGLang: KV cache dtype. nl keeps K/V in the model "
                                   "dtype.", ("auto",))
-    quantization: Optional[str] = _compat(None, "SGLang: quantization method. nl dequantizes GGUF "
-                                          "weights to --dtype at load.")
     grammar_backend: str = _compat("xgrammar", "SGLang: grammar engine. nl always uses xgrammar.",
                                    ("xgrammar",))
     constrained_json_whitespace_pattern: Optional[str] = _compat(

@@ -39,9 +39,16 @@ class _Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         for p in self.parameters():
             p.weight_loader = self.weight_loader
+        self.method = None  # a layers/quantization method once installed; None: F.linear
+
+    def set_method(self, method) -> None:
+        self.method = method
+
+    def _matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, self.weight, bias) if self.method is None else self.method(x, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy(param.data, loaded)
@@ -104,10 +111,10 @@ class RowLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self._matmul(x, self.bias)
         import torch.distributed as dist
 
-        out = F.linear(x, self.weight)
+        out = self._matmul(x, None)
         dist.all_reduce(out)
         return out if self.bias is None else out + self.bias
 

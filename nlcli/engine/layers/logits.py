@@ -16,6 +16,10 @@ class LogitsProcessor(nn.Module):
     def __init__(self, vocab_size: int):
         super().__init__()
         self.vocab_size = vocab_size
+        self.method = None  # a layers/quantization method for the lm_head; None: torch.matmul
+
+    def set_method(self, method) -> None:
+        self.method = method
 
     def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
         if batch.return_all_logits:
@@ -27,7 +31,8 @@ class LogitsProcessor(nn.Module):
 
     def _project(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # The one slice to the vocabulary (lm_head rows may be padded); the sampler relies on it.
-        return torch.matmul(hidden, weight.t())[:, : self.vocab_size].float()
+        logits = torch.matmul(hidden, weight.t()) if self.method is None else self.method(hidden)
+        return logits[:, : self.vocab_size].float()
 
 
 def _last_index(batch: ForwardBatch):

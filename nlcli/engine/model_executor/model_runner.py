@@ -21,6 +21,7 @@ from nlcli.engine.configs.model_config import ModelConfig
 from nlcli.engine.configs.model_source import ModelSource, resolve_model_source
 from nlcli.engine.forward_batch import ForwardBatch, LogitsOutput
 from nlcli.engine.layers.attention import create_attn_backend
+from nlcli.engine.layers.quantization import install_linear_methods, reinstall_linear_methods
 from nlcli.engine.mem_cache.pool import (
     ReqToTokenPool,
     TokenToKVPool,
@@ -58,6 +59,10 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = load_model(self.model_config, self.source, self.dtype, self.device, server_args.load_format)
         self.weight_bytes = weight_bytes(self.model)
+        self.quant_plan = install_linear_methods(self.model, server_args.quantization, self.dtype,
+                                                 self.device)
+        logger.info("Quantization: %s", self.quant_plan.describe())
+        self.weight_bytes += self.quant_plan.extra_bytes
         self._cap_context_to_positions()
         loaded = time.perf_counter()
         self._init_memory_pool(free_before)
@@ -70,6 +75,13 @@ class ModelRunner:
         self.cuda_graph_runner = create_cuda_graph_runner(
             server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
         )
+
+    def weights_changed(self) -> None:
+        """Rebuild the quantized / prepacked copies from the live weights (after an update or a
+        rollback), with the choices measured at start."""
+        reinstall_linear_methods(self.model, self.quant_plan)
+        if self.quant_plan.mode != "none":
+            logger.info("Quantization after the weight change: %s", self.quant_plan.describe())
 
     def _cap_context_to_positions(self) -> None:
         """An encoder's position table can be shorter than its config's context (RoBERTa numbers

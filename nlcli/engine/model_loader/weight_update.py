@@ -102,6 +102,7 @@ def update_weights_from_disk(
     try:
         with torch.no_grad():
             runner.model.load_weights(iter(staged))
+        runner.weights_changed()
     except Exception as e:
         logger.exception("Copying validated weights from %s failed; restoring the original ones", model_path)
         message = f"Failed to update weights: {error_text(e)}.{ROLLBACK_SUFFIX}"
@@ -125,8 +126,10 @@ def restore_original_weights(runner: ModelRunner) -> Optional[str]:
         with torch.no_grad():
             runner.model.load_weights(iter_weights(runner.source, runner.model_config.hf_config))
     except Exception as e:
+        runner.weights_changed()  # the dense weights serve whatever they now hold
         logger.exception("Restoring the original weights from %s failed", runner.source.model_path)
         return f"Rollback failed: {error_text(e)}; the served weights may be inconsistent."
+    runner.weights_changed()
     logger.info("Restored the original weights from %s", runner.source.model_path)
     return None
 

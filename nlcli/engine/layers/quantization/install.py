@@ -1,0 +1,154 @@
+"""`--quantization` resolved into one method per linear layer and the lm_head, and installed.
+
+Modes (SGLang's spelling where it has one): `gguf` keeps a checkpoint's own 4-bit matrices as
+4-bit (SGLang's `gguf`; the rest stay dense), `int8` / `int4` quantize every matrix weight-only
+(what SGLang spells `--torchao-config int8wo` / `int4wo-32`; int4 keeps the lm_head at int8),
+`none` keeps dense matmuls, and `auto` (the default) is `none` unless the model runs in bfloat16
+on a CPU (then rounding is no worse than bfloat16's own) and the checkpoint is 4-bit: then `gguf`
+where it measures faster.
+float32 is never changed by `auto`, so it stays exact against transformers.
+
+The quantized copies sit beside the dense weights, which serve large batches and stay the source
+of truth: after a weight update `reinstall` rebuilds the copies with the measured plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from nlcli.engine.layers.quantization import prepack
+from nlcli.engine.layers.quantization.choose import Layer, measure
+from nlcli.engine.layers.quantization.methods import Dense, Quantized, int4_method, int8_method
+
+MODES = ("auto", "none", "gguf", "int8", "int4")
+# torch's vectorized quantized CPU kernels take bfloat16 activations (float32 is a slow loop).
+COMPUTE_DTYPE = torch.bfloat16
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    """What was chosen at start, reused when weights change."""
+    mode: str  # none, gguf, int8, int4
+    max_rows: int = 0
+    prepacked: bool = False
+    reason: str = ""
+    quantized: int = 0
+    total: int = 0
+    extra_bytes: int = 0  # the quantized copies, beside the dense weights
+
+    def describe(self) -> str:
+        dense = "dense (oneDNN prepacked)" if self.prepacked else "dense"
+        if self.mode == "none":
+            return f"none: {dense} matmuls ({self.reason})"
+        return (f"{self.mode} for {self.quantized} of {self.total} matrices "
+                f"({self.extra_bytes / 2**20:.1f} MiB beside the dense weights) at up to "
+                f"{self.max_rows} rows per matmul, {dense} above ({self.reason})")
+
+
+def _targets(model: torch.nn.Module) -> list[tuple[Callable[[object], None], torch.Tensor, bool]]:
+    """(install, weight, is_lm_head) for every linear layer and the lm_head."""
+    from nlcli.engine.layers.linear import _Linear
+    from nlcli.engine.layers.logits import LogitsProcessor
+
+    out = []
+    for mod in model.modules():
+        if isinstance(mod, _Linear):
+            out.append((lambda m, mod=mod: mod.set_method(m), mod.weight.data, False))
+    head = getattr(model, "logits_processor", None)
+    if isinstance(head, LogitsProcessor) and getattr(model, "lm_head_weight", None) is not None:
+        out.append((head.set_method, model.lm_head_weight.data, True))
+    return out
+
+
+def _dense(weight: torch.Tensor, use_prepack: bool):
+    return (prepack.prepack(weight) if use_prepack else None) or Dense(weight)
+
+
+def _quantized(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: bool):
+    # int4 keeps the lm_head at int8, as llama.cpp's 4-bit files keep their output matrix at 6-8
+    # bits: rounded to 4 bits it alone cost SmolLM2 8.6% perplexity (int8 everywhere: 1.5%).
+    if mode == "int8" or (mode == "int4" and lm_head):
+        return int8_method(weight, dense, COMPUTE_DTYPE, max_rows)
+    return int4_method(weight, dense, COMPUTE_DTYPE, max_rows, exact_only=mode == "gguf")
+
+
+def _build(plan: QuantPlan, targets, max_rows: int) -> list:
+    methods = []
+    for _, weight, lm_head in targets:
+        dense = _dense(weight, plan.prepacked)
+        quant = None if plan.mode == "none" else _quantized(plan.mode, weight, dense, max_rows,
+                                                            lm_head)
+        methods.append(quant or dense)
+    return methods
+
+
+def _choose_prepack(targets, dtype: torch.dtype) -> tuple[bool, str]:
+    """oneDNN prepacked dense weights where exact and measured faster at 1 and 32 rows."""
+    first = prepack.prepack(targets[0][1])
+    if first is None or not prepack.is_exact(first):
+        return False, "oneDNN prepack not bit-identical here"
+    layers = [Layer(w.shape[1], Dense(w), _dense(w, True)) for _, w, _ in targets]
+    got = measure(layers, dtype, rows=(1, 32))
+    if got.max_rows < 32:
+        return False, f"oneDNN prepack not faster ({got.text()})"
+    return True, f"oneDNN prepack {got.text()}"
+
+
+def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dtype: torch.dtype,
+                           device: torch.device) -> QuantPlan:
+    """Resolve `--quantization`, measure, install; returns the plan (logged by the caller)."""
+    mode = requested or "auto"
+    if mode not in MODES:
+        raise ValueError(f"--quantization {mode}: nl supports {', '.join(MODES)}")
+    targets = _targets(model)
+    if device.type != "cpu" or not targets:
+        if mode not in ("auto", "none"):
+            raise ValueError(f"--quantization {mode} runs on CPU only (torch's CPU kernels)")
+        return QuantPlan("none", reason=f"{mode}: no CPU matmuls to change")
+    prepacked, why_prepack = _choose_prepack(targets, dtype)
+    if mode == "auto":
+        if dtype == torch.float32:
+            plan = QuantPlan("none", prepacked=prepacked,
+                             reason="auto: float32 stays exact; --quantization gguf/int8/int4 "
+                             f"trade that for speed; {why_prepack}")
+            return reinstall(model, plan)
+        mode = "gguf"
+    plan = QuantPlan(mode, prepacked=prepacked)
+    src = "auto" if requested in (None, "auto") else f"--quantization {mode}"
+    if mode == "none":
+        plan.reason = f"--quantization none; {why_prepack}"
+        return reinstall(model, plan)
+    methods = _build(plan, targets, max_rows=1 << 30)
+    layers = [Layer(w.shape[1], m.dense, m) for (_, w, _), m in zip(targets, methods)
+              if isinstance(m, Quantized)]
+    if not layers:
+        plan.mode, plan.reason = "none", f"{src}: no 4-bit matrices in the checkpoint"
+        return reinstall(model, plan)
+    got = measure(layers, dtype)
+    if src == "auto" and got.max_rows == 0:
+        plan.mode, plan.reason = "none", f"auto: {mode} not faster here ({got.text()})"
+        return reinstall(model, plan)
+    plan.max_rows = max(got.max_rows, 1)  # asked for explicitly: used at one row at least
+    plan.reason = f"{src}, measured per step {got.text()}; {why_prepack}"
+    for m in methods:
+        if isinstance(m, Quantized):
+            m.max_rows = plan.max_rows
+    return _set(targets, methods, plan)
+
+
+def reinstall(model: torch.nn.Module, plan: QuantPlan) -> QuantPlan:
+    """(Re)build every method from the model's current weights with `plan`'s choices."""
+    targets = _targets(model)
+    return _set(targets, _build(plan, targets, plan.max_rows), plan)
+
+
+def _set(targets, methods, plan: QuantPlan) -> QuantPlan:
+    plan.total = len(methods)
+    plan.quantized = sum(isinstance(m, Quantized) for m in methods)
+    plan.extra_bytes = sum(m.nbytes for m in methods if isinstance(m, Quantized))
+    for (install, _, _), method in zip(targets, methods):
+        install(None if isinstance(method, Dense) else method)
+    return plan
