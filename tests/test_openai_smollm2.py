@@ -37,8 +37,10 @@ def tok(source):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, source):
+    # An explicit float32: compared against transformers' float32 forward, so no quantized
+    # matmuls (`--dtype auto` may pick the GGUF's own 4-bit kernels, which compute in bfloat16).
     srv = start_server(str(tmp_path_factory.mktemp("oai-smol")),
-                       ["--max-total-tokens", "2048", "--context-length", "1024"],
+                       ["--max-total-tokens", "2048", "--context-length", "1024", "--dtype", "float32"],
                        keyed=False, model_path=source.model_path)
     yield srv
     srv.stop()

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlcli.engine.layers.quantization import (QuantPlan, int4_pack, int8_pack, prepack,
-                                              reinstall_linear_methods)
+from nlcli.engine.layers.quantization import (QuantPlan, install_linear_methods, int4_pack,
+                                              int8_pack, prepack, reinstall_linear_methods)
 from nlcli.engine.layers.quantization.methods import Dense, int4_method, int8_method
 from nlcli.engine.model_loader.weight_update import update_weights_from_disk
 from tests.tiny_models import EngineDriver, make_runner, perturbed_copy
@@ -163,6 +163,24 @@ def test_perplexity_within_two_percent_of_dense(smollm2, mode):
           f"{ppl_quant:.3f}, greedy agreement {agree:.1%} over {len(ids)} positions")
     assert abs(ppl_quant / ppl_dense - 1) < 0.02
     assert agree >= 0.8
+
+
+def test_auto_under_dtype_auto_measures_the_gguf_4bit_path(smollm2):
+    """`--dtype auto` resolving to float32 does not pin exactness: the embedded Q4_1 GGUF gets
+    its own 4-bit matrices where they measure faster (the outcome depends on this CPU, so both
+    are accepted; the reason must say a measurement decided)."""
+    runner, _ = smollm2
+    plan = install_linear_methods(runner.model, None, torch.float32, torch.device("cpu"),
+                                  exact_dtype=False)
+    try:
+        assert "stays exact" not in plan.reason
+        if plan.mode == "gguf":
+            assert plan.quantized >= 120 and plan.max_rows >= 1
+            assert plan.reason.startswith("auto, measured per step")
+        else:
+            assert plan.reason.startswith("auto: gguf not faster here")
+    finally:
+        reinstall_linear_methods(runner.model, QuantPlan("none"))
 
 
 # ---- weight updates re-quantize ----

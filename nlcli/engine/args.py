@@ -77,8 +77,8 @@ class ServerArgs:
         "4-bit (lossless), the rest dense (SGLang's name). int8: every matrix and the lm_head "
         "rounded to int8, one scale per row. int4: every matrix 4-bit per 32 weights (a GGUF's "
         "own kept exactly), the lm_head int8 (SGLang: --torchao-config int8wo / int4wo-32). "
-        "none: dense. Quantized kernels compute in bfloat16. Unset (auto): none in float32, so "
-        "float32 stays exact; in bfloat16, gguf for a 4-bit checkpoint where it measures faster. "
+        "none: dense. Quantized kernels compute in bfloat16. Unset (auto): gguf for a 4-bit "
+        "checkpoint where it measures faster, else none; an explicit --dtype float32 stays exact. "
         "The batch rows up to which the quantized kernel runs are measured at start and logged.",
         ("auto", "none", "gguf", "int8", "int4"),
     )

@@ -60,7 +60,7 @@ class ModelRunner:
         self.model = load_model(self.model_config, self.source, self.dtype, self.device, server_args.load_format)
         self.weight_bytes = weight_bytes(self.model)
         self.quant_plan = install_linear_methods(self.model, server_args.quantization, self.dtype,
-                                                 self.device)
+                                                 self.device, exact_dtype=server_args.dtype != "auto")
         logger.info("Quantization: %s", self.quant_plan.describe())
         self.weight_bytes += self.quant_plan.extra_bytes
         self._cap_context_to_positions()

@@ -3,10 +3,10 @@
 Modes (SGLang's spelling where it has one): `gguf` keeps a checkpoint's own 4-bit matrices as
 4-bit (SGLang's `gguf`; the rest stay dense), `int8` / `int4` quantize every matrix weight-only
 (what SGLang spells `--torchao-config int8wo` / `int4wo-32`; int4 keeps the lm_head at int8),
-`none` keeps dense matmuls, and `auto` (the default) is `none` unless the model runs in bfloat16
-on a CPU (then rounding is no worse than bfloat16's own) and the checkpoint is 4-bit: then `gguf`
-where it measures faster.
-float32 is never changed by `auto`, so it stays exact against transformers.
+`none` keeps dense matmuls, and `auto` (the default) is `gguf` where it measures faster for a
+4-bit checkpoint (the file's own weights, lossless; only the activations are rounded to bfloat16)
+and `none` otherwise. An explicit `--dtype float32` is never changed by `auto`: it stays exact
+against transformers.
 
 The quantized copies sit beside the dense weights, which serve large batches and stay the source
 of truth: after a weight update `reinstall` rebuilds the copies with the measured plan.
@@ -98,8 +98,11 @@ def _choose_prepack(targets, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dtype: torch.dtype,
-                           device: torch.device) -> QuantPlan:
-    """Resolve `--quantization`, measure, install; returns the plan (logged by the caller)."""
+                           device: torch.device, exact_dtype: bool = True) -> QuantPlan:
+    """Resolve `--quantization`, measure, install; returns the plan (logged by the caller).
+
+    `exact_dtype`: the user asked for `dtype` by name (not `--dtype auto`), so `auto` keeps a
+    float32 model's matmuls in float32."""
     mode = requested or "auto"
     if mode not in MODES:
         raise ValueError(f"--quantization {mode}: nl supports {', '.join(MODES)}")
@@ -110,10 +113,10 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
         return QuantPlan("none", reason=f"{mode}: no CPU matmuls to change")
     prepacked, why_prepack = _choose_prepack(targets, dtype)
     if mode == "auto":
-        if dtype == torch.float32:
+        if dtype == torch.float32 and exact_dtype:
             plan = QuantPlan("none", prepacked=prepacked,
-                             reason="auto: float32 stays exact; --quantization gguf/int8/int4 "
-                             f"trade that for speed; {why_prepack}")
+                             reason="auto: --dtype float32 stays exact; --quantization "
+                             f"gguf/int8/int4 trade that for speed; {why_prepack}")
             return reinstall(model, plan)
         mode = "gguf"
     plan = QuantPlan(mode, prepacked=prepacked)
