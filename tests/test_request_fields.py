@@ -166,7 +166,8 @@ def test_every_flag_is_read_or_compat():
 
 def test_refused_flags():
     assert ServerArgs().refused_flags() == []
-    assert ServerArgs(tp_size=2).refused_flags() == ["--tp-size 2 (nl supports only 1)"]
+    assert ServerArgs(tp_size=2).refused_flags() == []  # tensor parallelism is served
+    assert ServerArgs(dp_size=2).refused_flags() == ["--dp-size 2 (nl supports only 1)"]
 
 
 # ---- the policy itself -----------------------------------------------------------------------

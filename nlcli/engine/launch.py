@@ -10,6 +10,10 @@ A second signal skips the wait: everything in flight is aborted at once.
 Exit codes: 0 after a signal when every request finished in time; EXIT_ABORTED (3) after a
 signal when some had to be aborted; 1 when the engine fails to start, dies, or the warm-up
 generation fails.
+
+With --tp-size > 1 the engine is several processes (ranks), `tp_size / nnodes` of them on this
+node; any one exiting is engine death. On --node-rank > 0 no HTTP server runs: `nl serve` only
+starts this node's ranks and exits when they do (node 0 gone, or a signal), non-zero on failure.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Optional
 
 import uvicorn
 
+from nlcli.engine.distributed.node import all_alive, dist_addr, follow_node, stop_ranks
+from nlcli.engine.distributed.worker import run_tp_worker
 from nlcli.engine.engine_process import configure_logging, run_engine
 
 logger = logging.getLogger("nlcli.launch")
@@ -37,6 +43,9 @@ WARMUP_TEXT = "The capital city of France is"
 EXIT_ABORTED = 3
 # Seconds uvicorn gets to write the last responses once nl has ended every request.
 FLUSH_TIMEOUT = 10.0
+# Seconds /health answers 503 after the engine died, before the server exits (so a load
+# balancer's probe sees why it goes).
+DEAD_GRACE = 1.0
 
 _serving = {"started": False, "since": time.monotonic()}
 
@@ -109,6 +118,10 @@ def launch_server(args) -> int:
         logger.error("%s cannot be honoured; not starting.", flag)
     if refused:
         return 2
+    topology = args.topology_error()
+    if topology:
+        logger.error("%s; not starting.", topology)
+        return 2
     from nlcli.engine.configs.config_overrides import parse_model_overrides
     from nlcli.engine.configs.model_source import resolve_model_source
 
@@ -126,6 +139,10 @@ def launch_server(args) -> int:
         logger.info("%s is an embedding/reward model; serving it as with --is-embedding", args.model_path)
         args = args.replace(is_embedding=True)
     logger.info("server_args=%r", args)
+    if args.node_rank > 0:  # no HTTP here: this node's ranks only, until they exit
+        procs = start_engine(args, None, None)
+        _install_signal_handlers()
+        return follow_node(args, procs)
     for flag in args.ignored_flags():
         logger.warning("%s is accepted for SGLang compatibility only and has no effect in nl.", flag)
     warning = exposure_warning(args)
@@ -134,20 +151,37 @@ def launch_server(args) -> int:
             logger.warning("%s", line)
     ipc_dir = tempfile.mkdtemp(prefix="nl-ipc-")
     in_addr, out_addr = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
-    proc = mp.get_context("spawn").Process(target=run_engine, args=(args, in_addr, out_addr),
-                                           name="nl-engine")
-    proc.start()
+    procs = start_engine(args, in_addr, out_addr)
     _install_signal_handlers()
     try:
-        return asyncio.run(_serve(args, source, proc, in_addr, out_addr))
+        return asyncio.run(_serve(args, source, procs, in_addr, out_addr))
     except KeyboardInterrupt:
         return 130
     finally:
-        _stop_engine(proc)
+        stop_ranks(procs)
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
+def start_engine(args, in_addr: Optional[str], out_addr: Optional[str], dp_rank: int = 0) -> list:
+    """Spawn this node's ranks of one engine group: rank 0 (sockets and scheduler) on node 0,
+    followers (distributed/worker.py) for the others. Returns the started processes."""
+    ctx = mp.get_context("spawn")
+    per_node = args.tp_size // args.nnodes
+    addr = dist_addr(args, dp_rank) if args.tp_size > 1 else None
+    procs = []
+    for rank in range(args.node_rank * per_node, (args.node_rank + 1) * per_node):
+        if rank == 0:
+            proc = ctx.Process(target=run_engine, args=(args, in_addr, out_addr, addr),
+                               name="nl-engine")
+        else:
+            proc = ctx.Process(target=run_tp_worker, args=(args, rank, addr),
+                               name=f"nl-engine-tp{rank}")
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+async def _serve(args, source, procs: list, in_addr: str, out_addr: str) -> int:
     from nlcli.engine.api.http_protocol import uvicorn_settings
     from nlcli.engine.api.http_server import create_app
     from nlcli.engine.api.tokenizer_manager import TokenizerManager
@@ -156,7 +190,7 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
         source.load_tokenizer, args.tokenizer_path)
     tm = TokenizerManager(args, tokenizer, in_addr, out_addr)
     try:
-        ready = await tm.wait_ready(proc.is_alive, ENGINE_START_TIMEOUT)
+        ready = await tm.wait_ready(lambda: all_alive(procs), ENGINE_START_TIMEOUT)
     except RuntimeError as e:
         logger.error("%s", e)
         return 1
@@ -172,9 +206,9 @@ async def _serve(args, source, proc, in_addr: str, out_addr: str) -> int:
 
     def on_dead() -> None:
         state["exit_code"] = 1
-        server.should_exit = True
+        asyncio.get_running_loop().call_later(DEAD_GRACE, setattr, server, "should_exit", True)
 
-    tm.start(proc.is_alive, on_dead)
+    tm.start(lambda: all_alive(procs), on_dead)
     warm = asyncio.create_task(_warmup(args, server, tm, ready, state))
     drain = asyncio.create_task(_drain_on_signal(server, tm, state))
     await server.serve()
@@ -257,16 +291,3 @@ def _print_panel(url: str, args, ready) -> None:
              f"KV pool        {ready.max_total_num_tokens} tokens",
              f"Max context    {ready.context_len} tokens"]
     Console(stderr=True).print(Panel("\n".join(lines), title="nl serve", expand=False))
-
-
-def _stop_engine(proc, timeout: float = 10.0) -> None:
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if proc.exitcode not in (0, None):
-        logger.info("Engine process exited with code %s", proc.exitcode)
-    sys.stderr.flush()
