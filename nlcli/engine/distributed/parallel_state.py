@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -48,7 +49,7 @@ def init_tp_group(addr: str, rank: int, size: int, device: str, timeout_s: Optio
                            f"{timeout.total_seconds():.0f} s (--dist-init-addr, --dist-timeout): "
                            f"{type(e).__name__}: {e}") from None
     _state["cpu_group"] = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    logger.info("TP rank %d of %d joined %s (%s)", rank, size, addr, backend)
+    logger.info("TP rank %d of %d (pid %d) joined %s (%s)", rank, size, os.getpid(), addr, backend)
 
 
 def destroy_tp_group() -> None:
