@@ -185,6 +185,9 @@ def run_engine(server_args, in_addr: str, out_addr: str, dist_addr: str | None =
                     log.info("Engine shutting down")
                     if tp_leader is not None:
                         tp_leader.shutdown()
+                        from nlcli.engine.distributed.parallel_state import destroy_tp_group
+
+                        destroy_tp_group()
                     return
                 sched.handle(msg)
         watchdog.step_started = time.monotonic()
