@@ -209,7 +209,7 @@ def run_engine(server_args, in_addr: str, out_addr: str, dist_addr: str | None =
             if os.getppid() != parent:
                 log.error("API process is gone; engine exiting")
                 return
-            if tp_leader is not None and not sched.has_work:
+            if tp_leader is not None:  # also keeps the ranks' waits under --dist-timeout
                 try:
                     tp_leader.ping()
                 except TPGroupError as e:
