@@ -2,9 +2,11 @@
 
 Rank 0 owns the sockets and the Scheduler. Before each model op it broadcasts the op on the
 gloo group: ("forward", batch, req_to_token rows), ("update_weights", path, format, args),
-("ping",) while idle (so a dead rank is noticed within a heartbeat) or ("shutdown",). The batch
-goes with the req_to_token rows it reads, since only rank 0's scheduler writes them. Tensors
-travel on the CPU and are moved to each rank's device on arrival.
+("ping",) once a heartbeat (a dead rank is noticed within a second, and the other ranks' waits
+stay under --dist-timeout) or ("shutdown",). The batch goes with the req_to_token rows it reads,
+since only rank 0's scheduler writes them: whole rows up to the longest seq_len, because a
+one-token "decode" batch may be a new request whose prefix the radix cache just wrote into its
+row. Tensors travel on the CPU and are moved to each rank's device on arrival.
 """
 
 from __future__ import annotations
