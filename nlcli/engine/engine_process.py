@@ -5,7 +5,7 @@ exist, sends a Heartbeat about once a second, exits when its parent dies, and a 
 dumps every thread's stack and kills the process if one step outlives --watchdog-timeout.
 `NL_TEST_RUNNER=module:Factory` swaps in a fake runner for tests of the serving layers.
 With --tp-size > 1 this process is TP rank 0: it joins the group at `dist_addr` first, announces
-every model op to the other ranks (distributed/step_sync.py), pings them while idle, and exits
+every model op to the other ranks (distributed/step_sync.py), pings them each heartbeat, and exits
 non-zero when the group breaks (a rank died), which the API process reports as engine death.
 """
 

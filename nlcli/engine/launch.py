@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+from multiprocessing.process import BaseProcess
 from typing import Optional
 
 import uvicorn
@@ -162,7 +163,8 @@ def launch_server(args) -> int:
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def start_engine(args, in_addr: Optional[str], out_addr: Optional[str], dp_rank: int = 0) -> list:
+def start_engine(args, in_addr: Optional[str], out_addr: Optional[str],
+                 dp_rank: int = 0) -> list[BaseProcess]:
     """Spawn this node's ranks of one engine group: rank 0 (sockets and scheduler) on node 0,
     followers (distributed/worker.py) for the others. Returns the started processes."""
     ctx = mp.get_context("spawn")
