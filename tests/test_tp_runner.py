@@ -81,7 +81,11 @@ def _rank_main(rank: int, addr: str, cases: list, results) -> None:
             weight_sync.update_weights_from_disk = _failing_update
         runner = make_runner(case["path"], tp_size=2, **case["args"])
         if rank == 0:
-            results.put((case["name"], run_case(runner, case)))
+            # numpy travels by value; a tensor would go as shared memory this process may have
+            # released by the time the test reads it.
+            got = {k: v.numpy() if isinstance(v, torch.Tensor) else v
+                   for k, v in run_case(runner, case).items()}
+            results.put((case["name"], got))
             runner.shutdown()
         else:
             run_worker(runner)
@@ -141,13 +145,14 @@ def test_tp2_generates_like_tp1(cases, tp2, name):
     case = next(c for c in cases if c["name"] == name)
     want, got = _tp1(case), tp2[name]
     assert got["greedy"] == want["greedy"]
-    assert torch.allclose(got["logprobs"], want["logprobs"], atol=1e-4, rtol=0)
+    assert torch.allclose(torch.from_numpy(got["logprobs"]), want["logprobs"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["decoder-embed", "minilm"])
 def test_tp2_embeds_like_tp1(cases, tp2, name):
     case = next(c for c in cases if c["name"] == name)
-    assert torch.allclose(tp2[name]["embeddings"], _tp1(case)["embeddings"], atol=1e-5, rtol=0)
+    got = torch.from_numpy(tp2[name]["embeddings"])
+    assert torch.allclose(got, _tp1(case)["embeddings"], atol=1e-5, rtol=0)
 
 
 def test_weight_update_loads_every_rank(cases, tp2):
