@@ -166,7 +166,10 @@ def test_every_flag_is_read_or_compat():
 
 def test_refused_flags():
     assert ServerArgs().refused_flags() == []
-    assert ServerArgs(tp_size=2).refused_flags() == ["--tp-size 2 (nl supports only 1)"]
+    assert ServerArgs(tp_size=2, dp_size=2).refused_flags() == []  # both are served
+    assert ServerArgs(dp_size=0).refused_flags() == ["--dp-size 0 (must be at least 1)"]
+    refused = ServerArgs(load_balance_method="total_tokens").refused_flags()
+    assert len(refused) == 1 and refused[0].startswith("--load-balance-method total_tokens (nl ")
 
 
 # ---- the policy itself -----------------------------------------------------------------------

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from nlcli.engine.args import ServerArgs
-from nlcli.engine.launch import exposure_warning
+from nlcli.engine.serve_banner import exposure_warning
 from tests.test_scheduler_fakes import LiveServer
 
 HANG = 7  # a prompt token that makes the fake forward sleep NL_FAKE_HANG_SECONDS per copy

@@ -79,13 +79,17 @@ def randomize_weights(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.05)
 
 
-def build_tiny_model(arch: str, out_dir: str, seed: int = 0, max_shard_size: Optional[str] = None) -> str:
-    """Save a random tiny `arch` model (float32 safetensors) + SmolLM2 tokenizer into out_dir."""
+def build_tiny_model(arch: str, out_dir: str, seed: int = 0, max_shard_size: Optional[str] = None,
+                     **config_changes) -> str:
+    """Save a random tiny `arch` model (float32 safetensors) + SmolLM2 tokenizer into out_dir;
+    `config_changes` override the tiny config (e.g. num_key_value_heads)."""
     import transformers
 
     tok_dir = smollm2_tokenizer_dir()
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     config = tiny_config(arch, len(tok))
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_weights(model)

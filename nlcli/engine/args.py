@@ -152,9 +152,18 @@ class ServerArgs:
     shutdown_timeout: float = _arg(30.0, "On SIGTERM, seconds to let running requests finish.")
     num_threads: Optional[int] = _arg(None, "torch CPU threads (default: OMP_NUM_THREADS, else one per physical core).")
 
-    # Parallelism. Data parallelism: --dp-size engine groups behind one API process, which
-    # routes each request to one of them (--load-balance-method; nlcli/engine/api/dp/).
-    tp_size: int = _arg(1, "Tensor parallel size (nl runs one process: only 1).", only=(1,))
+    # Parallelism. Tensor parallel ranks on torch.distributed (gloo on CPU, nccl on CUDA);
+    # data parallelism: --dp-size engine groups behind one API process, which routes each
+    # request to one of them (--load-balance-method; nlcli/engine/api/dp/).
+    tp_size: int = _arg(1, "Tensor parallel size: engine processes (ranks) that split each layer; "
+                        "heads split by KV groups, unevenly if need be.")
+    nnodes: int = _arg(1, "Machines the --tp-size ranks span (each runs tp_size / nnodes).")
+    node_rank: int = _arg(0, "This machine's index; node 0 serves HTTP, the others run engine "
+                          "ranks only.")
+    dist_init_addr: Optional[str] = _arg(None, "HOST:PORT of node 0 where ranks meet "
+                                         "(torch.distributed TCP store); needed with --nnodes > 1.")
+    dist_timeout: Optional[int] = _arg(None, "Seconds ranks wait for each other at start (and for "
+                                       "one collective) before failing (default 1800).")
     dp_size: int = _arg(1, "Data parallel size: engine groups (model replicas) behind one API "
                         "process.", minimum=1)
     load_balance_method: str = _arg(
@@ -217,6 +226,20 @@ class ServerArgs:
             f"--{f.name.replace('_', '-')} {getattr(self, f.name)} (must be at least "
             f"{f.metadata['minimum']})" for f in fields
             if "minimum" in f.metadata and getattr(self, f.name) < f.metadata["minimum"]]
+
+    def topology_error(self) -> Optional[str]:
+        """What is wrong with --tp-size / --nnodes / --node-rank / --dist-init-addr, if anything."""
+        if self.tp_size < 1 or self.nnodes < 1:
+            return "--tp-size and --nnodes must be at least 1"
+        if self.tp_size % self.nnodes:
+            return f"--tp-size {self.tp_size} does not split over --nnodes {self.nnodes}"
+        if not 0 <= self.node_rank < self.nnodes:
+            return f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}"
+        if self.nnodes > 1 and not self.dist_init_addr:
+            return "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)"
+        if self.dist_init_addr and not self.dist_init_addr.rpartition(":")[2].isdigit():
+            return f"--dist-init-addr {self.dist_init_addr} is not HOST:PORT"
+        return None
 
     def env_default(self, name: str, env: str, fallback: Any) -> Any:
         """Flag `name` if set, else SGLang's environment variable `env`, else `fallback`."""

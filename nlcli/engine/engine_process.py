@@ -4,6 +4,9 @@ Started by launch.py with multiprocessing's spawn context. It reports `EngineRea
 exist, sends a Heartbeat about once a second, exits when its parent dies, and a watchdog thread
 dumps every thread's stack and kills the process if one step outlives --watchdog-timeout.
 `NL_TEST_RUNNER=module:Factory` swaps in a fake runner for tests of the serving layers.
+With --tp-size > 1 this process is TP rank 0: it joins the group at `dist_addr` first, announces
+every model op to the other ranks (distributed/step_sync.py), pings them each heartbeat, and exits
+non-zero when the group breaks (a rank died), which the API process reports as engine death.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _place_dp_group(server_args, dp_rank: int, log):
         return server_args
     import torch
 
-    if (server_args.device in ("auto", "cuda") and torch.cuda.is_available()
+    # With --tp-size > 1 each rank picks its GPU by TP rank (parallel_state), so groups share GPUs.
+    if (server_args.tp_size == 1 and server_args.device in ("auto", "cuda") and torch.cuda.is_available()
             and torch.cuda.device_count() >= server_args.dp_size):
         torch.cuda.set_device(dp_rank)
         return server_args
@@ -109,20 +113,35 @@ class _Watchdog(threading.Thread):
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
-def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0) -> None:
+def _join_tp_group(server_args, dist_addr, log) -> None:
+    from nlcli.engine.distributed.parallel_state import check_same_args, init_tp_group
+
+    try:
+        init_tp_group(dist_addr, 0, server_args.tp_size, server_args.device, server_args.dist_timeout)
+        check_same_args(server_args)
+    except Exception as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0,
+               dist_addr: str | None = None) -> None:
     # Ctrl-C reaches the whole process group: the API process handles it and stops us with a
     # ShutdownReq (or SIGTERM), so the engine must not die mid-step with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import zmq
 
+    from nlcli.engine.distributed.step_sync import TPGroupError
     from nlcli.engine.io_struct import EngineReady, ShutdownReq
-    from nlcli.engine.scheduler.scheduler import Scheduler
     from nlcli.engine.scheduler.books import MemoryLeakError
+    from nlcli.engine.scheduler.scheduler import Scheduler
 
     configure_logging(server_args.log_level,
                       f" DP{dp_rank} TP0" if server_args.dp_size > 1 else " TP0")
     log = logging.getLogger("nlcli.engine")
     parent = os.getppid()
+    if server_args.tp_size > 1:
+        _join_tp_group(server_args, dist_addr, log)
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
     recv.bind(in_addr)
@@ -152,6 +171,7 @@ def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0) -> No
     except Exception:
         log.exception("Engine failed to start")
         sys.exit(1)
+    tp_leader = getattr(runner, "tp_leader", None)  # None: one rank (or a test's fake runner)
     cfg = runner.model_config
     log.info("max_total_num_tokens=%d, max_prefill_tokens=%d, max_running_requests=%d, context_len=%d",
              runner.max_total_num_tokens, sched.max_prefill_tokens,
@@ -188,6 +208,11 @@ def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0) -> No
                     break
                 if isinstance(msg, ShutdownReq):
                     log.info("Engine shutting down")
+                    if tp_leader is not None:
+                        tp_leader.shutdown()
+                        from nlcli.engine.distributed.parallel_state import destroy_tp_group
+
+                        destroy_tp_group()
                     return
                 sched.handle(msg)
         watchdog.step_started = time.monotonic()
@@ -195,6 +220,9 @@ def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0) -> No
             sched.step()
         except MemoryLeakError:
             raise  # tests make a leak fatal on purpose
+        except TPGroupError as e:  # a rank died: this group cannot compute any more
+            log.error("%s; engine exiting", e)
+            sys.exit(1)
         except Exception as e:  # one bad batch must not take the server down
             log.exception("A scheduler step failed")
             n = sched.fail_in_flight(f"{type(e).__name__}: {e}")
@@ -206,4 +234,10 @@ def run_engine(server_args, in_addr: str, out_addr: str, dp_rank: int = 0) -> No
             if os.getppid() != parent:
                 log.error("API process is gone; engine exiting")
                 return
+            if tp_leader is not None:  # also keeps the ranks' waits under --dist-timeout
+                try:
+                    tp_leader.ping()
+                except TPGroupError as e:
+                    log.error("%s; engine exiting", e)
+                    sys.exit(1)
             send_obj(sched.heartbeat())

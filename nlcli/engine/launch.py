@@ -10,13 +10,16 @@ A second signal skips the wait: everything in flight is aborted at once.
 Exit codes: 0 after a signal when every request finished in time; EXIT_ABORTED (3) after a
 signal when some had to be aborted; 1 when the engine fails to start, dies, or the warm-up
 generation fails.
+
+With --tp-size > 1 the engine is several processes (ranks), `tp_size / nnodes` of them on this
+node; any one exiting is engine death. On --node-rank > 0 no HTTP server runs: `nl serve` only
+starts this node's ranks and exits when they do (node 0 gone, or a signal), non-zero on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import multiprocessing as mp
 import shutil
@@ -24,11 +27,15 @@ import signal
 import sys
 import tempfile
 import time
+from multiprocessing.process import BaseProcess
 from typing import Optional
 
 import uvicorn
 
+from nlcli.engine.distributed.node import all_alive, dist_addr, follow_node, stop_ranks
+from nlcli.engine.distributed.worker import run_tp_worker
 from nlcli.engine.engine_process import configure_logging, run_engine
+from nlcli.engine.serve_banner import client_host, exposure_warning, print_panel
 
 logger = logging.getLogger("nlcli.launch")
 
@@ -38,6 +45,9 @@ WARMUP_TEXT = "The capital city of France is"
 EXIT_ABORTED = 3
 # Seconds uvicorn gets to write the last responses once nl has ended every request.
 FLUSH_TIMEOUT = 10.0
+# Seconds /health answers 503 after the engine died, before the server exits (so a load
+# balancer's probe sees why it goes).
+DEAD_GRACE = 1.0
 
 _serving = {"started": False, "since": time.monotonic()}
 
@@ -110,6 +120,10 @@ def launch_server(args) -> int:
         logger.error("%s cannot be honoured; not starting.", flag)
     if refused:
         return 2
+    topology = args.topology_error()
+    if topology:
+        logger.error("%s; not starting.", topology)
+        return 2
     from nlcli.engine.configs.config_overrides import parse_model_overrides
     from nlcli.engine.configs.model_source import resolve_model_source
 
@@ -127,6 +141,10 @@ def launch_server(args) -> int:
         logger.info("%s is an embedding/reward model; serving it as with --is-embedding", args.model_path)
         args = args.replace(is_embedding=True)
     logger.info("server_args=%r", args)
+    if args.node_rank > 0:  # no HTTP here: this node's ranks only, until they exit
+        procs = start_engine(args, None, None)
+        _install_signal_handlers()
+        return follow_node(args, procs)
     for flag in args.ignored_flags():
         logger.warning("%s is accepted for SGLang compatibility only and has no effect in nl.", flag)
     warning = exposure_warning(args)
@@ -149,29 +167,30 @@ def launch_server(args) -> int:
         if not all(p.is_alive() for p in procs):  # a group died: stop the others now
             for proc in [p for p in procs if p.is_alive()]:
                 proc.terminate()
-        for proc in procs:
-            _stop_engine(proc)
+        stop_ranks(procs)
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def start_engine(args, in_addr: str, out_addr: str, dp_rank: int = 0) -> list:
-    """Start the engine process(es) of one engine group (DP rank `dp_rank`), serving on the
-    ZMQ addresses `in_addr` / `out_addr`; the started processes."""
-    name = "nl-engine" if args.dp_size == 1 else f"nl-engine-dp{dp_rank}"
-    proc = mp.get_context("spawn").Process(target=run_engine, name=name,
-                                           args=(args, in_addr, out_addr, dp_rank))
-    proc.start()
-    return [proc]
-
-
-def _all_alive(procs: list) -> bool:
-    """Every engine process is alive; the first dead one is logged (once)."""
-    for proc in procs:
-        if not proc.is_alive():
-            if proc.exitcode is not None:
-                logger.error("%s exited with code %s", proc.name, proc.exitcode)
-            return False
-    return True
+def start_engine(args, in_addr: Optional[str], out_addr: Optional[str],
+                 dp_rank: int = 0) -> list[BaseProcess]:
+    """Spawn this node's ranks of one engine group (DP rank `dp_rank`): rank 0 (sockets and
+    scheduler) on node 0, followers (distributed/worker.py) for the others. Returns the started
+    processes."""
+    ctx = mp.get_context("spawn")
+    per_node = args.tp_size // args.nnodes
+    addr = dist_addr(args, dp_rank) if args.tp_size > 1 else None
+    group = "" if args.dp_size == 1 else f"-dp{dp_rank}"
+    procs = []
+    for rank in range(args.node_rank * per_node, (args.node_rank + 1) * per_node):
+        if rank == 0:
+            proc = ctx.Process(target=run_engine, args=(args, in_addr, out_addr, dp_rank, addr),
+                               name=f"nl-engine{group}")
+        else:
+            proc = ctx.Process(target=run_tp_worker, args=(args, rank, addr),
+                               name=f"nl-engine{group}-tp{rank}")
+        proc.start()
+        procs.append(proc)
+    return procs
 
 
 async def _serve(args, source, procs: list, in_addrs: list[str], out_addrs: list[str]) -> int:
@@ -182,7 +201,7 @@ async def _serve(args, source, procs: list, in_addrs: list[str], out_addrs: list
     tokenizer = None if args.skip_tokenizer_init else await asyncio.to_thread(
         source.load_tokenizer, args.tokenizer_path)
     tm = TokenizerManager(args, tokenizer, in_addrs, out_addrs)
-    alive = functools.partial(_all_alive, procs)
+    alive = functools.partial(all_alive, procs)
     try:
         ready = await tm.wait_ready(alive, ENGINE_START_TIMEOUT)
     except RuntimeError as e:
@@ -200,7 +219,7 @@ async def _serve(args, source, procs: list, in_addrs: list[str], out_addrs: list
 
     def on_dead() -> None:
         state["exit_code"] = 1
-        server.should_exit = True
+        asyncio.get_running_loop().call_later(DEAD_GRACE, setattr, server, "should_exit", True)
 
     tm.start(alive, on_dead)
     warm = asyncio.create_task(_warmup(args, server, tm, ready, state))
@@ -225,7 +244,7 @@ async def _warmup(args, server, tm, ready, state) -> None:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"INFO:     Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)",
               file=sys.stderr, flush=True)
-    url = f"http://{_client_host(args.host)}:{args.port}"
+    url = f"http://{client_host(args.host)}:{args.port}"
     key = args.api_key or args.admin_api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"text": WARMUP_TEXT, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
@@ -248,53 +267,4 @@ async def _warmup(args, server, tm, ready, state) -> None:
         server.should_exit = True
         return
     logger.info("The server is fired up and ready to roll!")
-    _print_panel(url, args, ready)
-
-
-def exposure_warning(args) -> Optional[str]:
-    """What to warn about a server that others can reach without a user API key (None when it
-    binds a loopback address or has one). Host names other than localhost count as reachable."""
-    if args.api_key or _is_loopback(args.host):
-        return None
-    what = ("only the admin routes need a key (--admin-api-key)" if args.admin_api_key else
-            "they can also update weights, flush the cache and abort requests")
-    return (f"listening on {args.host} without --api-key: anyone who can reach port {args.port} "
-            f"can generate and read the server info; {what}. Set --api-key (or NL_API_KEY, "
-            "--api-key-file), or bind 127.0.0.1.")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _print_panel(url: str, args, ready) -> None:
-    from rich.console import Console
-    from rich.panel import Panel
-
-    lines = [f"URL            {url}", f"Model          {args.model_path}",
-             f"Device / dtype {ready.device} / {ready.dtype}",
-             f"KV pool        {ready.max_total_num_tokens} tokens",
-             f"Max context    {ready.context_len} tokens"]
-    Console(stderr=True).print(Panel("\n".join(lines), title="nl serve", expand=False))
-
-
-def _stop_engine(proc, timeout: float = 10.0) -> None:
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if proc.exitcode not in (0, None):
-        logger.info("Engine process exited with code %s", proc.exitcode)
-    sys.stderr.flush()
+    print_panel(url, args, ready)

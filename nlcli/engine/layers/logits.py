@@ -1,7 +1,8 @@
 """LogitsProcessor: picks each request's last new token and projects it onto the vocabulary.
 
 Only the rows the sampler needs go through the (large) lm_head matmul unless the batch asks for
-every position's logits (prompt logprobs, scoring). Logits are returned in float32.
+every position's logits (prompt logprobs, scoring). Logits are returned in float32. Under tensor
+parallelism each rank's lm_head holds a slice of the vocabulary; the slices are gathered here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nlcli.engine.distributed.parallel_state import gather_vocab, tp_rank_size
+from nlcli.engine.distributed.split import split_range
 from nlcli.engine.forward_batch import ForwardBatch, ForwardMode, LogitsOutput
 
 
@@ -17,6 +20,9 @@ class LogitsProcessor(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.method = None  # a layers/quantization method for the lm_head; None: torch.matmul
+        _, size = tp_rank_size()
+        # Each rank's lm_head rows (VocabEmbedding's split); None when the head is whole.
+        self.vocab_counts = [split_range(vocab_size, size, r)[1] for r in range(size)] if size > 1 else None
 
     def set_method(self, method) -> None:
         self.method = method
@@ -32,6 +38,8 @@ class LogitsProcessor(nn.Module):
     def _project(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # The one slice to the vocabulary (lm_head rows may be padded); the sampler relies on it.
         logits = torch.matmul(hidden, weight.t()) if self.method is None else self.method(hidden)
+        if self.vocab_counts is not None and weight.shape[0] < self.vocab_size:
+            logits = gather_vocab(logits, self.vocab_counts)
         return logits[:, : self.vocab_size].float()
 
 

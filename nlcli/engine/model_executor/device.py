@@ -92,9 +92,9 @@ def physical_cores() -> int:
     return len(cores) or (os.cpu_count() or 1)
 
 
-def cpu_threads(requested: Optional[int]) -> tuple[Optional[int], str]:
+def cpu_threads(requested: Optional[int], ranks_on_node: int = 1) -> tuple[Optional[int], str]:
     """torch's CPU thread count: --num-threads, else OMP_NUM_THREADS (torch already honours it),
-    else one per physical core. SMT siblings are left out: OpenMP workers spin while waiting, and
+    else one per physical core (shared out among the `ranks_on_node` TP ranks of this machine). SMT siblings are left out: OpenMP workers spin while waiting, and
     a worker sharing a core makes every step wait for a descheduled spinner. Leaving a core for
     the API process was measured too (benchmarks/README.md): on 2 cores it cost 35% of prefill
     speed for no decode gain, so only a machine shared with other heavy work should go lower."""
@@ -103,12 +103,14 @@ def cpu_threads(requested: Optional[int]) -> tuple[Optional[int], str]:
     if os.environ.get("OMP_NUM_THREADS"):
         return None, "OMP_NUM_THREADS"
     cores = physical_cores()
+    if ranks_on_node > 1:
+        return max(1, cores // ranks_on_node), f"{cores} physical cores / {ranks_on_node} TP ranks"
     return cores, "one per physical core"
 
 
-def apply_cpu_threads(requested: Optional[int]) -> None:
+def apply_cpu_threads(requested: Optional[int], ranks_on_node: int = 1) -> None:
     """Set torch's CPU thread count (see `cpu_threads`) and log the choice."""
-    threads, why = cpu_threads(requested)
+    threads, why = cpu_threads(requested, ranks_on_node)
     if threads:
         torch.set_num_threads(threads)
         logger.info("torch CPU threads: %d (%s)", threads, why)

@@ -5,6 +5,10 @@ Set-up reads top to bottom in `__init__`: threads and seed, the model's source a
 and dtype (model_executor/device.py), the weights, then the pools. Order matters: free memory is
 measured before the weights load, so the KV pool gets `mem_fraction_static` of it minus what the
 weights took (or exactly `--max-total-tokens`).
+
+Under tensor parallelism (the group is already set up, distributed/parallel_state.py) the runner
+holds this rank's shard; rank 0's `forward` and `update_weights` first announce the op to the
+other ranks (distributed/step_sync.py), whose loop calls `run_forward` / `run_update_weights`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from nlcli.engine.args import ServerArgs
 from nlcli.engine.configs.config_overrides import parse_model_overrides
 from nlcli.engine.configs.model_config import ModelConfig
 from nlcli.engine.configs.model_source import ModelSource, resolve_model_source
+from nlcli.engine.distributed.parallel_state import all_reduce_min, tp_rank_size
+from nlcli.engine.distributed.split import attention_split
+from nlcli.engine.distributed.step_sync import StepBroadcaster
+from nlcli.engine.distributed.weight_sync import update_weights_all_ranks
 from nlcli.engine.forward_batch import ForwardBatch, LogitsOutput
 from nlcli.engine.layers.attention import create_attn_backend
 from nlcli.engine.layers.quantization import install_linear_methods, reinstall_linear_methods
@@ -32,6 +40,7 @@ from nlcli.engine.mem_cache.pool import (
 from nlcli.engine.model_executor.cuda_graph_runner import create_cuda_graph_runner
 from nlcli.engine.model_executor.device import apply_cpu_threads, choose_device_and_dtype
 from nlcli.engine.model_loader.loader import load_model, weight_bytes
+from nlcli.engine.model_loader.weight_update import WeightUpdateResult, update_weights_from_disk
 
 if TYPE_CHECKING:
     from nlcli.engine.layers.pooler import EmbeddingPoolerOutput
@@ -42,7 +51,11 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, server_args: ServerArgs, source: Optional[ModelSource] = None):
         self.server_args = server_args
-        apply_cpu_threads(server_args.num_threads)
+        self.tp_rank, self.tp_size = tp_rank_size()
+        # The ranks of this node share its cores (and, on a CPU, its memory); with --dp-size the
+        # other groups' ranks share them too (their memory split is _place_dp_group's).
+        self.ranks_on_node = max(1, self.tp_size // max(1, server_args.nnodes))
+        apply_cpu_threads(server_args.num_threads, self.ranks_on_node * server_args.dp_size)
         if server_args.random_seed is not None:
             torch.manual_seed(server_args.random_seed)
         self.source = source or resolve_model_source(
@@ -72,9 +85,14 @@ class ModelRunner:
         self.attn_backend = create_attn_backend(
             server_args.attention_backend, self.device, self.req_to_token_pool, self.token_to_kv_pool
         )
+        if self.tp_size > 1 and not server_args.disable_cuda_graph:
+            logger.info("CUDA graphs off under tensor parallelism (collectives are not captured)")
+            server_args = server_args.replace(disable_cuda_graph=True)
         self.cuda_graph_runner = create_cuda_graph_runner(
             server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
         )
+        self.tp_leader = (StepBroadcaster(self.req_to_token_pool)
+                          if self.tp_size > 1 and self.tp_rank == 0 else None)
 
     def weights_changed(self) -> None:
         """Rebuild the quantized / prepacked copies from the live weights (after an update or a
@@ -93,7 +111,11 @@ class ModelRunner:
 
     def _init_memory_pool(self, free_before: int) -> None:
         mc, args = self.model_config, self.server_args
-        per_token = TokenToKVPool.bytes_per_token(self.dtype, mc.num_kv_heads, mc.head_dim, mc.num_layers)
+        kv_heads = mc.num_kv_heads  # this rank's share of them under TP
+        if self.tp_size > 1 and self.model.uses_kv_cache:
+            kv_heads = attention_split(mc.num_attention_heads, mc.num_kv_heads, self.tp_rank,
+                                       self.tp_size).kv_count
+        per_token = TokenToKVPool.bytes_per_token(self.dtype, kv_heads, mc.head_dim, mc.num_layers)
         if args.max_total_tokens:
             size = int(args.max_total_tokens)
         elif not self.model.uses_kv_cache:
@@ -102,13 +124,17 @@ class ModelRunner:
             size = 4 * max(args.prefill_token_budget(self.device.type), mc.context_len)
         else:
             fraction = args.mem_fraction_static or (0.88 if self.device.type == "cuda" else 0.25)
+            if self.device.type == "cpu":
+                fraction /= self.ranks_on_node
             size = profile_max_num_tokens(free_before, self.weight_bytes, fraction, per_token)
+        if self.tp_size > 1:  # every rank must hold the same slots: the smallest pool wins
+            size = all_reduce_min(size)
         self.max_total_num_tokens = size
         rows = args.max_running_requests or max(16, min(1024, size // 32))
         # +1 row headroom is not needed: a row is held only while its request runs.
         self.req_to_token_pool = ReqToTokenPool(rows, mc.context_len + 1, self.device)
         self.token_to_kv_pool = TokenToKVPool(
-            size, self.dtype, mc.num_kv_heads, mc.head_dim, mc.num_layers, self.device
+            size, self.dtype, kv_heads, mc.head_dim, mc.num_layers, self.device
         )
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(size, self.device)
         logger.info(
@@ -116,12 +142,40 @@ class ModelRunner:
             size, size * per_token / 2**20, rows, mc.context_len,
         )
 
-    @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput | EmbeddingPoolerOutput:
+        if self.tp_leader is not None:
+            self.tp_leader.forward(batch)
+        return self.run_forward(batch)
+
+    @torch.inference_mode()
+    def run_forward(self, batch: ForwardBatch) -> LogitsOutput | EmbeddingPoolerOutput:
+        """This rank's forward (ranks > 0 call it directly, on rank 0's word)."""
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
         batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
+
+    def update_weights(self, model_path: str, load_format: Optional[str],
+                       server_args: ServerArgs) -> WeightUpdateResult:
+        """/update_weights_from_disk on every rank, all or nothing (model_loader/weight_update.py)."""
+        if self.tp_leader is not None:
+            self.tp_leader.update_weights(model_path, load_format, server_args)
+        return self.run_update_weights(model_path, load_format, server_args)
+
+    def run_update_weights(self, model_path: str, load_format: Optional[str],
+                           server_args: ServerArgs) -> WeightUpdateResult:
+        if self.tp_size > 1:
+            return update_weights_all_ranks(self, model_path, load_format, server_args)
+        return update_weights_from_disk(self, model_path, load_format, server_args)
+
+    def ping(self) -> None:
+        """While idle, rank 0 checks the other ranks are still there (TPGroupError if not)."""
+        if self.tp_leader is not None:
+            self.tp_leader.ping()
+
+    def shutdown(self) -> None:
+        if self.tp_leader is not None:
+            self.tp_leader.shutdown()
 
     def warmup(self) -> float:
         """One tiny extend + decode through the real pools, so first requests pay no lazy init."""

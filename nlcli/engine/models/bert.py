@@ -4,6 +4,8 @@ The batch is packed like an extend batch: every sequence's tokens back to back, 
 lengths. Attention is bidirectional within a sequence and never crosses sequences; there is no KV
 cache, since an encoder reads each input once. The model ends in a `Pooler` configured from the
 checkpoint's sentence-transformers files (see `nlcli.engine.configs.embedding_config`).
+The layers' linears are tensor-parallel (heads and the MLP split across ranks, two all-reduces per
+layer); the embeddings and LayerNorms are whole on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlcli.engine.configs.embedding_config import EmbeddingConfig, embedding_config_for
+from nlcli.engine.layers.linear import ColumnLinear, QKVLinear, RowLinear
 from nlcli.engine.layers.pooler import EmbeddingPoolerOutput, Pooler
 
 _ACTIVATIONS = {
@@ -81,28 +84,31 @@ class BertLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
-        self.qkv_proj = nn.Linear(hidden, 3 * hidden)  # fused query/key/value: one matmul
-        self.attn_out = nn.Linear(hidden, hidden)
+        heads = config.num_attention_heads
+        self.head_dim = hidden // heads
+        # Fused query/key/value, one matmul; under TP this rank's heads only.
+        self.qkv_proj = QKVLinear(hidden, self.head_dim, heads, heads, bias=True)
+        self.num_heads = self.qkv_proj.split.q_count
+        self.attn_out = RowLinear(hidden, hidden, bias=True, in_range=(
+            self.qkv_proj.split.q_start * self.head_dim, self.num_heads * self.head_dim))
         self.attn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.intermediate = nn.Linear(hidden, config.intermediate_size)
+        self.intermediate = ColumnLinear(hidden, config.intermediate_size, bias=True)
         self.act = _ACTIVATIONS[config.hidden_act]
-        self.output = nn.Linear(config.intermediate_size, hidden)
+        self.output = RowLinear(config.intermediate_size, hidden, bias=True)
         self.out_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        attn = encoder_attention(q, k, v, valid).reshape(x.shape)
+        attn = encoder_attention(q, k, v, valid).reshape(x.shape[0], self.num_heads * self.head_dim)
         x = self.attn_norm(x + self.attn_out(attn))
         return self.out_norm(x + self.output(self.act(self.intermediate(x))))
 
 
-# HF parameter names inside one encoder layer -> (our parameter, qkv shard index or None).
+# HF parameter names inside one encoder layer -> (our parameter, qkv shard id or None).
 _LAYER_NAMES = {
-    "attention.self.query": ("qkv_proj", 0),
-    "attention.self.key": ("qkv_proj", 1),
-    "attention.self.value": ("qkv_proj", 2),
+    "attention.self.query": ("qkv_proj", "q"),
+    "attention.self.key": ("qkv_proj", "k"),
+    "attention.self.value": ("qkv_proj", "v"),
     "attention.output.dense": ("attn_out", None),
     "attention.output.LayerNorm": ("attn_norm", None),
     "intermediate.dense": ("intermediate", None),
@@ -180,7 +186,6 @@ class BertModel(nn.Module):
         load half-way silently. The caller compares the returned set with `named_parameters()`."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        hidden = self.config.hidden_size
         for hf_name, tensor in weights:
             name = self._strip(hf_name)
             if name.startswith(_SKIPPED) or name.endswith("position_ids"):
@@ -198,15 +203,17 @@ class BertModel(nn.Module):
                 name = f"{module}.{_norm_kind(kind)}"
             if name not in params:
                 raise KeyError(f"unexpected weight {hf_name!r}")
-            target = params[name].data
-            if shard is not None:
-                target = target[shard * hidden : (shard + 1) * hidden]
-            _check_shape(target, tensor, hf_name)
-            target.copy_(tensor)
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:  # a parallel linear: it slices this rank's part and checks
+                loader(param, tensor.to(param.dtype), shard)
+            else:
+                _check_shape(param.data, tensor, hf_name)
+                param.data.copy_(tensor)
             loaded.add(name if shard is None else f"{name}#{shard}")
         # A fused qkv parameter counts as loaded once all three of its shards are.
         done = {n for n in loaded if "#" not in n}
-        done |= {n for n in params if all(f"{n}#{s}" in loaded for s in range(3))}
+        done |= {n for n in params if all(f"{n}#{s}" in loaded for s in "qkv")}
         return done
 
 

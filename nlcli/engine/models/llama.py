@@ -20,7 +20,6 @@ from nlcli.engine.layers.linear import (
     QKVLinear,
     RowLinear,
     VocabEmbedding,
-    _tp,
     default_weight_loader,
 )
 from nlcli.engine.layers.logits import LogitsProcessor
@@ -53,17 +52,17 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, layer_id: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
-        _, tp_size = _tp()
         hidden = config.hidden_size
         total_heads = config.num_attention_heads
         total_kv = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
-        self.num_heads = total_heads // tp_size
-        self.num_kv_heads = max(1, total_kv // tp_size)
+        self.qkv_proj = QKVLinear(hidden, self.head_dim, total_heads, total_kv, bias=qkv_bias)
+        split = self.qkv_proj.split  # this TP rank's heads, possibly an uneven share
+        self.num_heads, self.num_kv_heads = split.q_count, split.kv_count
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVLinear(hidden, self.head_dim, total_heads, total_kv, bias=qkv_bias)
-        self.o_proj = RowLinear(total_heads * self.head_dim, hidden, bias=o_bias)
+        self.o_proj = RowLinear(total_heads * self.head_dim, hidden, bias=o_bias,
+                                in_range=(split.q_start * self.head_dim, self.q_size))
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None

@@ -2,8 +2,9 @@
 
 The scheduler keeps an `UpdateWeightReq` pending until nothing is running, half-prefilled or
 queued (the API process holds new requests meanwhile, see `api/update_weights.py`), then calls
-`apply_weight_update`: `nlcli.engine.model_loader.weight_update` does the all-or-nothing load, and
-on success the radix cache is flushed, since its K/V were computed by the old weights.
+`apply_weight_update`: the runner's `update_weights` does the all-or-nothing load (on every TP
+rank; `nlcli.engine.model_loader.weight_update` per rank), and on success the radix cache is
+flushed, since its K/V were computed by the old weights.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ def apply_weight_update(
 ) -> tuple[UpdateWeightReqOutput, ServerArgs]:
     """Run in the scheduler's loop with no request running or queued. Returns the answer for the
     API process and the server args to serve with from now on (new model path on success)."""
-    from nlcli.engine.model_loader.weight_update import update_weights_from_disk
-
     logger.info("Update weights begin. model_path=%s", msg.model_path)
     try:
-        success, message = update_weights_from_disk(runner, msg.model_path, msg.load_format, args)
+        success, message = runner.update_weights(msg.model_path, msg.load_format, args)
     except Exception as e:  # a runner that cannot update at all (e.g. a test fake)
         logger.exception("Weight update failed")
         success, message = False, f"Failed to update weights: {e}."
