@@ -227,20 +227,6 @@ class ServerArgs:
             f"{f.metadata['minimum']})" for f in fields
             if "minimum" in f.metadata and getattr(self, f.name) < f.metadata["minimum"]]
 
-    def topology_error(self) -> Optional[str]:
-        """What is wrong with --tp-size / --nnodes / --node-rank / --dist-init-addr, if anything."""
-        if self.tp_size < 1 or self.nnodes < 1:
-            return "--tp-size and --nnodes must be at least 1"
-        if self.tp_size % self.nnodes:
-            return f"--tp-size {self.tp_size} does not split over --nnodes {self.nnodes}"
-        if not 0 <= self.node_rank < self.nnodes:
-            return f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}"
-        if self.nnodes > 1 and not self.dist_init_addr:
-            return "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)"
-        if self.dist_init_addr and not self.dist_init_addr.rpartition(":")[2].isdigit():
-            return f"--dist-init-addr {self.dist_init_addr} is not HOST:PORT"
-        return None
-
     def env_default(self, name: str, env: str, fallback: Any) -> Any:
         """Flag `name` if set, else SGLang's environment variable `env`, else `fallback`."""
         value = getattr(self, name)

@@ -32,7 +32,8 @@ from typing import Optional
 
 import uvicorn
 
-from nlcli.engine.distributed.node import all_alive, dist_addr, follow_node, stop_ranks
+from nlcli.engine.distributed.node import (all_alive, dist_addr, follow_node, stop_ranks,
+                                          topology_error)
 from nlcli.engine.distributed.worker import run_tp_worker
 from nlcli.engine.engine_process import configure_logging, run_engine
 from nlcli.engine.serve_banner import client_host, exposure_warning, print_panel
@@ -120,7 +121,7 @@ def launch_server(args) -> int:
         logger.error("%s cannot be honoured; not starting.", flag)
     if refused:
         return 2
-    topology = args.topology_error()
+    topology = topology_error(args)
     if topology:
         logger.error("%s; not starting.", topology)
         return 2

@@ -1,6 +1,6 @@
-"""The engine ranks `nl serve` runs on this node, seen from its (torch-free) launcher: where a
-group meets, whether every rank lives, how they are stopped, and the whole life of a node other
-than node 0 (ranks only, no HTTP server).
+"""The engine ranks `nl serve` runs on this node, seen from its (torch-free) launcher: whether
+the topology flags make sense, where a group meets, whether every rank lives, how they are
+stopped, and the whole life of a node other than node 0 (ranks only, no HTTP server).
 """
 
 from __future__ import annotations
@@ -9,8 +9,26 @@ import logging
 import socket
 import sys
 import time
+from typing import Optional
 
 logger = logging.getLogger("nlcli.launch")
+
+
+def topology_error(args) -> Optional[str]:
+    """What is wrong with --tp-size / --nnodes / --node-rank / --dist-init-addr, if anything."""
+    if args.tp_size < 1 or args.nnodes < 1:
+        return "--tp-size and --nnodes must be at least 1"
+    if args.tp_size % args.nnodes:
+        return f"--tp-size {args.tp_size} does not split over --nnodes {args.nnodes}"
+    if not 0 <= args.node_rank < args.nnodes:
+        return f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}"
+    if args.nnodes > 1 and not args.dist_init_addr:
+        return "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)"
+    if args.nnodes > 1 and args.dp_size > 1:
+        return "--dp-size > 1 runs on one node; with --nnodes > 1 use --dp-size 1"
+    if args.dist_init_addr and not args.dist_init_addr.rpartition(":")[2].isdigit():
+        return f"--dist-init-addr {args.dist_init_addr} is not HOST:PORT"
+    return None
 
 
 def dist_addr(args, dp_rank: int = 0) -> str:
