@@ -74,22 +74,44 @@ class WeightUpdateManager:
                 failed = await self._drain(in_flight)
                 if failed:
                     return False, f"Failed to update weights: {failed}", 0
-                self.result = asyncio.get_running_loop().create_future()
-                tm.send(UpdateWeightReq(model_path, load_format))
-                deadline = time.monotonic() + RESULT_TIMEOUT
-                while not self.result.done():
-                    if tm.dead is not None:
-                        return False, f"Failed to update weights: {tm.dead}", 0
-                    if time.monotonic() > deadline:
-                        return False, (f"Failed to update weights: the engine did not answer within "
-                                       f"{RESULT_TIMEOUT:.0f} s."), 0
-                    await asyncio.wait({self.result}, timeout=0.2)
-                out: UpdateWeightReqOutput = self.result.result()
+                out = await self._ask(UpdateWeightReq(model_path, load_format))
+                if isinstance(out, str):
+                    return False, out, 0
+                if not out.success and tm.args.dp_size > 1:
+                    out.message += await self._roll_back_groups()
             finally:
                 tm.release_held()
             if out.success:
                 self.on_success(out.model_path, out.load_format)
             return out.success, out.message, paused
+
+    async def _ask(self, msg: UpdateWeightReq) -> UpdateWeightReqOutput | str:
+        """Send `msg` to the engine (every group) and await the (merged) answer; a failure
+        message when the engine dies or does not answer in time."""
+        tm = self.tm
+        self.result = asyncio.get_running_loop().create_future()
+        tm.send(msg)
+        deadline = time.monotonic() + RESULT_TIMEOUT
+        while not self.result.done():
+            if tm.dead is not None:
+                return f"Failed to update weights: {tm.dead}"
+            if time.monotonic() > deadline:
+                return (f"Failed to update weights: the engine did not answer within "
+                        f"{RESULT_TIMEOUT:.0f} s.")
+            await asyncio.wait({self.result}, timeout=0.2)
+        return self.result.result()
+
+    async def _roll_back_groups(self) -> str:
+        """All or nothing across --dp-size groups: a failed group rolled itself back, but the
+        others may have loaded the new weights, so every group reloads the served checkpoint."""
+        args = self.tm.args
+        logger.warning("Update weights failed in a DP group; reloading %s in every group",
+                       args.model_path)
+        back = await self._ask(UpdateWeightReq(args.model_path, args.load_format))
+        if isinstance(back, UpdateWeightReqOutput) and back.success:
+            return f" Every DP group is back on {args.model_path}."
+        why = back if isinstance(back, str) else back.message
+        return f" Rolling the other DP groups back failed too: {why}"
 
     async def _drain(self, in_flight: list) -> Optional[str]:
         """Wait for `in_flight` (requests the engine was sent) to finish; None when they did,
