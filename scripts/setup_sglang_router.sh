@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Optional: SGLang's router (the `sglang-router` registry package, a 30 MB wheel, 89 MB installed)
+# SGLang's router (the `sglang-router` registry package, a 30 MB wheel, 89 MB installed)
 # in its own venv, .venv-router, so its dependency pins never touch nl's .venv. Only
-# tests/test_sglang_router.py uses it (skipped without it).
+# tests/test_sglang_router.py uses it (skipped without it); scripts/setup.sh runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
