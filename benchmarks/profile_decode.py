@@ -79,7 +79,9 @@ def instrument(sched, timer: PartTimer) -> None:
         elif isinstance(mod, SiluAndMul):
             part = "activation"
         if part is not None:
-            mod.forward = timer.wrap(part, mod.forward)
+            for method in ("forward", "rotate", "cos_sin"):  # rotary: per-forward table, per-layer turn
+                if hasattr(mod, method):
+                    setattr(mod, method, timer.wrap(part, getattr(mod, method)))
     pool = runner.token_to_kv_pool
     pool.set_kv_buffer = timer.wrap("kv_store", pool.set_kv_buffer)
     runner.forward = timer.wrap("model_other", runner.forward)
