@@ -155,7 +155,11 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
-        hidden = self.model(input_ids, positions, batch)
+        return self.logits(self.model(input_ids, positions, batch), batch)
+
+    def logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
+        """The decoder body's output -> logits (model_executor/compile_runner.py runs the body
+        compiled and this eagerly)."""
         return self.logits_processor(hidden, self.lm_head_weight, batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
