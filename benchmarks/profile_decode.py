@@ -63,7 +63,9 @@ def instrument(sched, timer: PartTimer) -> None:
     from nlcli.engine.layers.rotary import RotaryEmbedding
 
     runner = sched.runner
-    for name, mod in runner.model.named_modules():
+    compiled = getattr(runner, "compile_runner", None) is not None
+    # Under --enable-torch-compile the timers would break the compiled graphs: whole step only.
+    for name, mod in ([] if compiled else runner.model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
         part = None
         if leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
@@ -149,17 +151,23 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enable-torch-compile", action="store_true")
+    p.add_argument("--torch-compile-max-bs", type=int, default=32)
     a = p.parse_args()
     extra = {"dtype": a.dtype}
     if a.enable_torch_compile:
-        extra["enable_torch_compile"] = True
+        extra.update(enable_torch_compile=True, torch_compile_max_bs=a.torch_compile_max_bs)
     sched = build(a.threads, extra)
     runner = sched.runner
+    compile_runner = getattr(runner, "compile_runner", None)
+    if compile_runner is not None:  # wait for every bucket (the engine serves eagerly meanwhile)
+        compile_runner.thread.join()
+        print(f"torch.compile seconds per bucket: {compile_runner.compile_seconds}", file=sys.stderr)
     bw = read_bandwidth()
     floor_ms = runner.weight_bytes / bw * 1000
     result = {"threads": torch.get_num_threads(), "dtype": str(runner.dtype),
               "weight_mb": runner.weight_bytes / 1e6, "read_gbps": bw / 1e9,
-              "floor_ms": floor_ms}
+              "floor_ms": floor_ms,
+              "compile_s": compile_runner.compile_seconds if compile_runner is not None else None}
     print(f"threads {result['threads']}, {runner.dtype}, weights {runner.weight_bytes / 1e6:.0f} MB, "
           f"read bandwidth {bw / 1e9:.1f} GB/s -> memory floor {floor_ms:.1f} ms/step",
           file=sys.stderr)
