@@ -29,6 +29,7 @@ import torch
 from nlcli.engine.args import ServerArgs
 from nlcli.engine.forward_batch import ForwardBatch, ForwardMode, LogitsOutput
 from nlcli.engine.model_executor.cuda_graph_runner import bucket_for, capture_batch_sizes
+from nlcli.engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +116,12 @@ class CompileRunner:
 def create_compile_runner(server_args: ServerArgs, model, attn_backend, device: torch.device,
                           max_running_requests: int) -> Optional[CompileRunner]:
     """A CompileRunner compiling in the background where `--enable-torch-compile` applies: the
-    CPU and a decoder with a `model` body and `logits` (the Llama family). None otherwise."""
+    CPU and a Llama-family generator (a `model` body, then `logits`; embedding and score heads
+    override `forward` and stay eager). None otherwise."""
     if not server_args.enable_torch_compile:
         return None
-    if device.type != "cpu" or server_args.is_embedding or not hasattr(model, "logits"):
+    if (device.type != "cpu" or server_args.is_embedding
+            or type(model).forward is not LlamaForCausalLM.forward):
         logger.warning("--enable-torch-compile applies to CPU decoders only; ignored here")
         return None
     max_bs = min(server_args.torch_compile_max_bs, max_running_requests)
