@@ -36,16 +36,11 @@ logger = logging.getLogger(__name__)
 
 class CompileRunner:
     def __init__(self, model, attn_backend, max_bs: int, device: torch.device):
-        import torch._dynamo
-
         self.model = model
         self.attn_backend = attn_backend
         self.device = device
         self.sizes = capture_batch_sizes(max_bs)
         self.max_bs = self.sizes[-1]
-        # One cached graph per bucket (and per resumed frame after each attention's graph break).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   2 * len(self.sizes))
         # Attention runs eagerly between the compiled regions (this backend object only).
         attn_backend.forward = torch.compiler.disable(attn_backend.forward)
         self.body = torch.compile(model.model, dynamic=False)
@@ -59,6 +54,13 @@ class CompileRunner:
         self.thread.start()
 
     def compile_all(self) -> None:
+        import torch._dynamo
+
+        # Each frame (the decoder layer, resumed after its attention's graph break) caches a few
+        # graphs per bucket (the first layer has no residual yet). Set in this thread: dynamo's
+        # config is per thread.
+        limit = 4 * len(self.sizes) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         try:
             for bs in self.sizes:
                 start = time.perf_counter()
