@@ -58,8 +58,6 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim or head_dim
         inv_freq = _inv_freq(self.rotary_dim, params)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
         # [cos | cos | -sin | sin] per position: x * cos2 + swap_halves(x) * sin2 is
         # (x1 cos - x2 sin, x2 cos + x1 sin) exactly (negation is exact), from one gather.
         cos, sin = freqs.cos(), freqs.sin()
@@ -72,7 +70,8 @@ class RotaryEmbedding(nn.Module):
         return cs[..., : self.rotary_dim], cs[..., self.rotary_dim:]
 
     def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, N, D] (q and k heads together) -> a rotated copy, rounded as `forward` does."""
+        """x [T, N, D] (q and k heads together) -> a rotated copy, in x's dtype (the tables were
+        cast to it, as transformers casts cos/sin before rotating)."""
         cos, sin = cos_sin
         r = self.rotary_dim
         if r < x.shape[-1]:  # partial rotary: the two-halves formula on the first r dims
@@ -81,14 +80,7 @@ class RotaryEmbedding(nn.Module):
         swapped = x.reshape(T, n, 2, r // 2).flip(2).view(T, n, r)
         return x * cos + swapped * sin
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, Hkv, D] -> rotated copies, same dtypes."""
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         r = self.rotary_dim
         x_rot = x[..., :r]
         half = r // 2

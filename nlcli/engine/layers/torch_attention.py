@@ -157,9 +157,9 @@ class TorchAttentionBackend:
 
         A lone request whose slots form one run is read as a view of the pool. Otherwise
         index_select on the flat slot list (several times faster on CPU than advanced indexing
-        with a 2-D index) fills the plan's per-forward buffers. The query heads that share a KV head go in SDPA's query-length axis
-        ([n, Hkv, H/Hkv, D]): no mask is causal here, so this is exact and K/V are never repeated
-        per query head (what enable_gqa does)."""
+        with a 2-D index) fills the plan's per-forward buffers. The query heads that share a KV
+        head go in SDPA's query-length axis ([n, Hkv, H/Hkv, D]): no mask is causal here, so this
+        is exact and K/V are never repeated per query head (what enable_gqa does)."""
         n, hkv, dim = q.shape[0], layer.num_kv_heads, layer.head_dim
         if d.run_start is not None:  # in place: a view of the pool, no copy
             run = slice(d.run_start, d.run_start + d.max_len)
