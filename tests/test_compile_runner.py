@@ -35,6 +35,9 @@ def test_compiled_greedy_tokens_equal_eager(runners, monkeypatch):
     real = compiled.compile_runner.forward
     monkeypatch.setattr(compiled.compile_runner, "forward",
                         lambda b: calls.append(b.batch_size) or real(b))
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     # Three requests pad to the bucket of four; one alone runs in the bucket of one.
     want = EngineDriver(eager).generate_greedy(PROMPTS, 12)
     got = EngineDriver(compiled).generate_greedy(PROMPTS, 12)
@@ -43,6 +46,7 @@ def test_compiled_greedy_tokens_equal_eager(runners, monkeypatch):
     one = PROMPTS[:1]
     assert EngineDriver(compiled).generate_greedy(one, 6) == EngineDriver(eager).generate_greedy(one, 6)
     assert 1 in calls
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled on the request path
 
 
 def test_compile_is_off_by_default_and_cpu_only(runners):

@@ -64,7 +64,7 @@ class CompileRunner:
         try:
             for bs in self.sizes:
                 start = time.perf_counter()
-                self._run(self._pad(None, bs))
+                self._run(None, bs)
                 self.compile_seconds[bs] = time.perf_counter() - start
                 self.ready.add(bs)
                 logger.info("torch.compile: decode batch size %d ready in %.1f s", bs,
@@ -79,11 +79,13 @@ class CompileRunner:
         return padded is not None and padded in self.ready
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
-        padded = self._pad(batch, bucket_for(batch.batch_size, self.sizes))
-        return self._run(padded, batch)
+        return self._run(batch, bucket_for(batch.batch_size, self.sizes))
 
-    def _run(self, padded: ForwardBatch, batch: Optional[ForwardBatch] = None) -> LogitsOutput:
+    def _run(self, batch: Optional[ForwardBatch], bs: int) -> LogitsOutput:
+        # The graphs' guards include the inputs' dispatch keys: compile and serve both on
+        # inference tensors, built here (never the caller's tensors), or every step recompiles.
         with torch.inference_mode():
+            padded = self._pad(batch, bs)
             padded.plan_attention(self.attn_backend)
             hidden = self.body(padded.input_ids, padded.positions, padded)
             if batch is None:
@@ -99,7 +101,7 @@ class CompileRunner:
         ones = torch.ones(pad, dtype=torch.int64, device=self.device)
 
         def cat(t: Optional[torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
-            return fill if t is None else (torch.cat((t, fill)) if pad else t)
+            return fill if t is None else torch.cat((t, fill))  # a copy even when pad is 0
 
         get = (lambda name: None) if batch is None else (lambda name: getattr(batch, name))
         return ForwardBatch(
