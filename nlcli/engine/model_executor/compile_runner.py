@@ -15,6 +15,11 @@ pool's dummy slot 0), while eager forwards serve. A decode batch then runs compi
 bucket is ready, padded up to the bucket with such dummy rows (the CUDA graph runner's buckets and
 padding), whose outputs are dropped. Shapes are static per bucket (`dynamic=False`), so a graph
 never recompiles for a new batch size.
+
+Off by default: on a 2-core AVX2 EPYC (float32 SmolLM2-135M, 1 thread) the 30 graph breaks and
+guard checks cost more than the fused small ops save (paired steps: batch 1 60 vs 55 ms eager,
+batch 32 398 vs 378 ms); inductor's freezing was slower still. Fusing attention into the graph is
+what would make it pay.
 """
 
 from __future__ import annotations
