@@ -1,7 +1,8 @@
 """TorchAttentionBackend against a naive reference: every request's queries attend over its own
 slots (cached prefix + new tokens), causally by absolute position, in float64 with plain
 softmax. Covers extends with and without a cached prefix, GQA and MHA, a one-token extend, and a
-mixed batch where decodes share the batched decode call; float32 and bfloat16 pools."""
+mixed batch where decodes share the batched decode call, a lone decode read in place from its
+slot run; float32 and bfloat16 pools."""
 
 from __future__ import annotations
 
@@ -37,16 +38,17 @@ def naive(q, k, v, scale):
 SHAPES = [(0, 37), (23, 19), (40, 1), (0, 1), (9, 1), (64, 65)]
 
 
-def run_layer(shapes, dtype, heads, kv_heads):
+def run_layer(shapes, dtype, heads, kv_heads, contiguous=False):
     """One attention layer's forward over a batch of `shapes` with random q/k/v and scattered
-    slots; returns (output, q, per-request k, per-request v, scale)."""
+    slots (ascending ones with `contiguous`); returns (output, q, per-request k, per-request v,
+    scale)."""
     gen = torch.Generator().manual_seed(0)
     pool = TokenToKVPool(512, dtype, kv_heads, D, 1)
     rows = ReqToTokenPool(len(shapes), 256)
     layer = SimpleNamespace(layer_id=0, num_heads=heads, num_kv_heads=kv_heads, head_dim=D,
                             scaling=1 / math.sqrt(D))
     # Scattered slots, as the allocator hands them out after churn.
-    perm = (torch.randperm(511, generator=gen) + 1).tolist()
+    perm = (torch.arange(511) + 1 if contiguous else torch.randperm(511, generator=gen) + 1).tolist()
     ks, vs, new_loc, next_slot = [], [], [], 0
     for i, (pre, ext) in enumerate(shapes):
         slots = torch.tensor(perm[next_slot: next_slot + pre + ext])
@@ -63,6 +65,8 @@ def run_layer(shapes, dtype, heads, kv_heads):
                                 list(range(len(shapes))), torch.cat(new_loc))
     backend = TorchAttentionBackend(rows, pool)
     batch.plan_attention(backend)
+    if contiguous and len(shapes) == 1 and shapes[0][1] == 1:
+        assert batch.attn_plan.decode.run_start == 1  # the in-place path, not a gather
     k_new = torch.cat([k[p:] for k, (p, _) in zip(ks, shapes)])
     v_new = torch.cat([v[p:] for v, (p, _) in zip(vs, shapes)])
     return backend.forward(q, k_new, v_new, layer, batch), q, ks, vs, layer.scaling
@@ -78,6 +82,14 @@ def test_paged_attention_equals_naive(dtype, tol, heads, kv_heads):
         err = (got[start: start + ext].double() - want).abs().max() / want.abs().max()
         assert err < tol, (pre, ext, float(err))
         start += ext
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("pre", [0, 1, 40])
+def test_decode_reads_a_lone_requests_run_in_place(dtype, tol, pre):
+    got, q, ks, vs, scale = run_layer([(pre, 1)], dtype, 4, 2, contiguous=True)
+    want = naive(q, ks[0], vs[0], scale)
+    assert (got.double() - want).abs().max() / want.abs().max() < tol
 
 
 def test_extends_run_on_the_fused_cpu_kernel():

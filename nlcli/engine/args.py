@@ -182,6 +182,12 @@ class ServerArgs:
         160, "Largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, 8, then steps of 8)."
     )
 
+    enable_torch_compile: bool = _arg(
+        False, "CPU: run decode batches through torch.compile (inductor), buckets of batch sizes "
+        "compiled in a background thread at start while eager serves.")
+    torch_compile_max_bs: int = _arg(
+        32, "Largest decode batch run compiled (buckets 1, 2, 4, 8, then steps of 8).")
+
     # Weight updates
     weights_root: Optional[str] = _arg(None, "update_weights paths must lie under this directory.")
     allow_remote_weights: bool = _arg(False, "Let update_weights download Hub repo ids.")

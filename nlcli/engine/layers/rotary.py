@@ -1,7 +1,10 @@
 """Rotary position embeddings (rotate-half layout, as in HF Llama/Mistral/Qwen checkpoints).
 
 A cos/sin table over all positions is built once in float32; each forward gathers rows by the
-batch's absolute positions, so prefix-cached extends and decodes need no per-request state.
+batch's absolute positions, so prefix-cached extends and decodes need no per-request state. The
+model gathers them once per forward (`cos_sin`) and every layer rotates q and k together in one
+pass (`rotate` on the [T, H + Hkv, D] q|k block): four ops per layer instead of a dozen per tensor,
+with the same roundings as the two-halves formula.
 Supports rope types default, linear and llama3, read from `rope_parameters` (transformers 5) or
 `rope_theta` + `rope_scaling` (older configs).
 """
@@ -55,17 +58,29 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim or head_dim
         inv_freq = _inv_freq(self.rotary_dim, params)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        # [cos | cos | -sin | sin] per position: x * cos2 + swap_halves(x) * sin2 is
+        # (x1 cos - x2 sin, x2 cos + x1 sin) exactly (negation is exact), from one gather.
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos_sin_cache", torch.cat((cos, cos, -sin, sin), dim=-1),
+                             persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, Hkv, D] -> rotated copies, same dtypes."""
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `positions` as ([T, 1, r] cos2, [T, 1, r] sin2) in `dtype`, for `rotate`."""
+        cs = self.cos_sin_cache.index_select(0, positions).to(dtype).unsqueeze(1)
+        return cs[..., : self.rotary_dim], cs[..., self.rotary_dim:]
+
+    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, N, D] (q and k heads together) -> a rotated copy, in x's dtype (the tables were
+        cast to it, as transformers casts cos/sin before rotating)."""
+        cos, sin = cos_sin
+        r = self.rotary_dim
+        if r < x.shape[-1]:  # partial rotary: the two-halves formula on the first r dims
+            return self._rotate(x, cos[..., : r // 2], sin[..., r // 2:])
+        T, n = x.shape[0], x.shape[1]
+        swapped = x.reshape(T, n, 2, r // 2).flip(2).view(T, n, r)
+        return x * cos + swapped * sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         r = self.rotary_dim
         x_rot = x[..., :r]
         half = r // 2

@@ -28,6 +28,9 @@ class _DecodeGroup:
     # [n, 1, 1, max_len] additive float mask (0 attended, -inf padding); None when no row is padded.
     # Additive and built once per forward: a bool mask is converted by SDPA in every layer.
     mask: Optional[torch.Tensor]
+    # One request whose slots are one ascending run: its K/V are read in place, as a view of the
+    # pool from this slot (no gather). None otherwise.
+    run_start: Optional[int] = None
 
 
 @dataclass
@@ -90,12 +93,21 @@ class TorchAttentionBackend:
     def _plan_decode(self, req_to_token, rows, seq_lens, token_index, seq_lens_cpu) -> _DecodeGroup:
         max_len = max(seq_lens_cpu)
         slots = req_to_token[rows, :max_len]
+        pool = self.token_to_kv_pool
+        if len(seq_lens_cpu) == 1 and rows.device.type == "cpu":
+            # A lone request's slots are usually one run (the allocator hands out ascending
+            # slots); reading the host tensor here costs no device sync on the CPU.
+            start = int(slots[0, 0])
+            if max_len == 1 or bool((slots[0, 1:] - slots[0, :-1] == 1).all()):
+                return _DecodeGroup(token_index, slots.reshape(-1), max_len, None, run_start=start)
         mask = None
         if min(seq_lens_cpu) != max_len:
             valid = torch.arange(max_len, device=rows.device).unsqueeze(0) < seq_lens.unsqueeze(1)
             slots = slots.masked_fill(~valid, 0)
-            mask = torch.zeros(valid.shape, dtype=self.token_to_kv_pool.dtype, device=rows.device)
+            mask = torch.zeros(valid.shape, dtype=pool.dtype, device=rows.device)
             mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        # (Gathering into buffers shared by every layer instead of fresh tensors measured no
+        # faster: paired decode steps at batch 8 and 32 on a 2-core EPYC.)
         return _DecodeGroup(token_index, slots.reshape(-1), max_len, mask)
 
     def forward(self, q, k, v, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
@@ -136,13 +148,19 @@ class TorchAttentionBackend:
     def _decode(q, k_buf, v_buf, layer: Attention, d: _DecodeGroup) -> torch.Tensor:
         """q [n, H, D] -> [n, H, D]: one query token per request over its padded slots.
 
-        index_select on the flat slot list is several times faster on CPU than advanced indexing
-        with a 2-D index. The query heads that share a KV head go in SDPA's query-length axis
-        ([n, Hkv, H/Hkv, D]): no mask is causal here, so this is exact and K/V are never repeated
-        per query head (what enable_gqa does)."""
+        A lone request whose slots form one run is read as a view of the pool. Otherwise
+        index_select on the flat slot list (several times faster on CPU than advanced indexing
+        with a 2-D index) gathers a copy. The query heads that share a KV
+        head go in SDPA's query-length axis ([n, Hkv, H/Hkv, D]): no mask is causal here, so this
+        is exact and K/V are never repeated per query head (what enable_gqa does)."""
         n, hkv, dim = q.shape[0], layer.num_kv_heads, layer.head_dim
-        kd = k_buf.index_select(0, d.flat_slots).view(n, d.max_len, hkv, dim).transpose(1, 2)
-        vd = v_buf.index_select(0, d.flat_slots).view(n, d.max_len, hkv, dim).transpose(1, 2)
+        if d.run_start is not None:  # in place: a view of the pool, no copy
+            run = slice(d.run_start, d.run_start + d.max_len)
+            kd, vd = k_buf[run], v_buf[run]
+        else:
+            kd, vd = k_buf.index_select(0, d.flat_slots), v_buf.index_select(0, d.flat_slots)
+        kd = kd.view(n, d.max_len, hkv, dim).transpose(1, 2)
+        vd = vd.view(n, d.max_len, hkv, dim).transpose(1, 2)
         qg = q.reshape(n, hkv, layer.num_heads // hkv, dim).to(kd.dtype)
         out = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=d.mask, scale=layer.scaling)
         return out.reshape(n, layer.num_heads, dim).to(q.dtype)

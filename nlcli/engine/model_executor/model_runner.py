@@ -37,6 +37,7 @@ from nlcli.engine.mem_cache.pool import (
     available_memory_bytes,
     profile_max_num_tokens,
 )
+from nlcli.engine.model_executor.compile_runner import create_compile_runner
 from nlcli.engine.model_executor.cuda_graph_runner import create_cuda_graph_runner
 from nlcli.engine.model_executor.device import apply_cpu_threads, choose_device_and_dtype
 from nlcli.engine.model_loader.loader import load_model, weight_bytes
@@ -89,6 +90,9 @@ class ModelRunner:
             logger.info("CUDA graphs off under tensor parallelism (collectives are not captured)")
             server_args = server_args.replace(disable_cuda_graph=True)
         self.cuda_graph_runner = create_cuda_graph_runner(
+            server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
+        )
+        self.compile_runner = create_compile_runner(
             server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
         )
         self.tp_leader = (StepBroadcaster(self.req_to_token_pool)
@@ -152,6 +156,8 @@ class ModelRunner:
         """This rank's forward (ranks > 0 call it directly, on rank 0's word)."""
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
+        if self.compile_runner is not None and self.compile_runner.can_run(batch):
+            return self.compile_runner.forward(batch)
         batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
 

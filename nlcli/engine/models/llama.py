@@ -24,7 +24,7 @@ from nlcli.engine.layers.linear import (
 )
 from nlcli.engine.layers.logits import LogitsProcessor
 from nlcli.engine.layers.norm import RMSNorm
-from nlcli.engine.layers.rotary import get_rope
+from nlcli.engine.layers.rotary import RotaryEmbedding, get_rope
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, layer_id: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, config: Any, layer_id: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 rotary_emb: RotaryEmbedding):
         super().__init__()
         hidden = config.hidden_size
         total_heads = config.num_attention_heads
@@ -66,37 +67,39 @@ class LlamaAttention(nn.Module):
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
-        self.rotary_emb = get_rope(config, self.head_dim, config.max_position_embeddings)
+        self.rotary_emb = rotary_emb  # one table shared by every layer
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+    def forward(self, cos_sin, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """cos_sin: the forward's rotary rows (RotaryEmbedding.cos_sin), gathered once."""
+        T, qk_size, heads = x.shape[0], self.q_size + self.kv_size, self.num_heads
+        qkv = self.qkv_proj(x)
+        # q and k are adjacent in the fused projection: one [T, H + Hkv, D] block, rotated at once.
+        qk = qkv[:, :qk_size].view(T, heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = self.rotary_emb.rotate(qk, cos_sin)
+        return self.o_proj(self.attn(qk[:, :heads], qk[:, heads:], qkv[:, qk_size:], batch))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, config: Any, layer_id: int, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, layer_id, qkv_bias, o_bias, qk_norm, rotary_emb)
         self.mlp = LlamaMLP(
             config.hidden_size, config.intermediate_size, config.hidden_act, getattr(config, "mlp_bias", False)
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, batch):
+    def forward(self, cos_sin, hidden, residual, batch):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch)
+        hidden = self.self_attn(cos_sin, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -105,15 +108,19 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = get_rope(config, head_dim, config.max_position_embeddings)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, qkv_bias, o_bias, qk_norm, self.rotary_emb)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, batch):
         hidden, residual = self.embed_tokens(input_ids), None
+        cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once, not per layer
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, batch)
+            hidden, residual = layer(cos_sin, hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -147,7 +154,11 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
-        hidden = self.model(input_ids, positions, batch)
+        return self.logits(self.model(input_ids, positions, batch), batch)
+
+    def logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> LogitsOutput:
+        """The decoder body's output -> logits (model_executor/compile_runner.py runs the body
+        compiled and this eagerly)."""
         return self.logits_processor(hidden, self.lm_head_weight, batch)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
