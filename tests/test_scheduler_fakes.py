@@ -143,6 +143,12 @@ class FakeModelRunner:
     def warmup(self) -> float:
         return 0.0  # nothing is initialised lazily here
 
+    def update_weights(self, model_path, load_format, server_args):
+        """The real loader (it checks the path first); a fake has no weights to load into."""
+        from nlcli.engine.model_loader.weight_update import update_weights_from_disk
+
+        return update_weights_from_disk(self, model_path, load_format, server_args)
+
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
         if self.step_delay:
             import time

@@ -71,17 +71,13 @@ class ServerArgs:
         ("auto", "float32", "bfloat16", "float16", "half", "float"),
     )
     quantization: Optional[str] = _arg(
-        None,
-        "Weight-only quantized matmuls on CPU for small decode batches: fewer bytes read per "
-        "token; larger batches keep the dense matmul. gguf: a GGUF's own 4-bit matrices stay "
-        "4-bit (lossless), the rest dense (SGLang's name). int8: every matrix and the lm_head "
-        "rounded to int8, one scale per row. int4: every matrix 4-bit per 32 weights (a GGUF's "
-        "own kept exactly), the lm_head int8 (SGLang: --torchao-config int8wo / int4wo-32). "
-        "none: dense. Quantized kernels compute in bfloat16. Unset (auto): gguf for a 4-bit "
-        "checkpoint where it measures faster, else none; an explicit --dtype float32 stays exact. "
-        "The batch rows up to which the quantized kernel runs are measured at start and logged.",
-        ("auto", "none", "gguf", "int8", "int4"),
-    )
+        None, "Weight-only quantized matmuls on CPU for decode batches of up to N rows (N measured "
+        "at start and logged; larger batches stay dense), computed in bfloat16. gguf: a GGUF's "
+        "own 4-bit matrices stay 4-bit (lossless), the rest dense. int8: every matrix and the "
+        "lm_head, one scale per row (SGLang: --torchao-config int8wo). int4: every matrix 4-bit "
+        "per 32 weights, the lm_head int8 (SGLang: int4wo-32). none: dense. Unset (auto): gguf "
+        "for a 4-bit checkpoint where it measures faster; an explicit --dtype float32 stays exact.",
+        ("auto", "none", "gguf", "int8", "int4"))
     context_length: Optional[int] = _arg(None, "Override the model's context length.")
     device: str = _arg("auto", "Device: auto (cuda if present), cpu or cuda.", ("auto", "cpu", "cuda"))
     served_model_name: Optional[str] = _arg(None, "Name in /v1/models. Default: the model path.")
