@@ -6,5 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv-router/bin/python ] || "$PY" -m venv .venv-router
-.venv-router/bin/python -m pip --disable-pip-version-check -q install "sglang-router==0.3.2"
+# pip's notes about this machine's local index folders are noise; its errors are not.
+.venv-router/bin/python -m pip --disable-pip-version-check -q install "sglang-router==0.3.2" \
+    2> >(grep -v "is ignored" >&2)
 .venv-router/bin/python -c "import sglang_router" || { echo "sglang-router set-up incomplete" >&2; exit 1; }
