@@ -1,4 +1,5 @@
-# `make serve` and `make test` each do the whole set-up first (scripts/setup.sh, idempotent).
+# `make serve` and `make test` each do the whole set-up first (scripts/setup.sh, idempotent);
+# `make test` also puts sglang-router in .venv-router for the test of nl behind it.
 .PHONY: setup serve test
 
 setup:
@@ -8,4 +9,5 @@ serve: setup
 	.venv/bin/nl serve $(ARGS)
 
 test: setup
+	@bash scripts/setup_sglang_router.sh
 	.venv/bin/python -m pytest -q -rs $(ARGS)

