@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 
 import httpx
+
+from nlcli.engine.distributed.node import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPICS = ("the history of the Roman empire", "how a compiler optimises loops",
@@ -47,9 +48,7 @@ def workload(prefixes: int, per_prefix: int, words: int, seed: int) -> list[str]
 
 
 def start_server(args, method: str, log_dir: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [os.path.join(os.path.dirname(sys.executable), "nl"), "serve", "--port", str(port),
            "--dp-size", str(args.dp_size), "--load-balance-method", method]
     if args.model_path:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 
 import torch.multiprocessing as mp
+
+from nlcli.engine.distributed.node import free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,9 +77,7 @@ def main() -> None:
     one.start()
     tp1 = results.get()
     one.join()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    addr = f"127.0.0.1:{free_port()}"
     ranks = [ctx.Process(target=_rank, args=(r, addr, a, results)) for r in (0, 1)]
     for proc in ranks:
         proc.start()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ import torch
 import uvicorn
 
 from nlcli.engine.args import ServerArgs
+from nlcli.engine.distributed.node import free_port
 from nlcli.engine.layers.pooler import EmbeddingPoolerOutput
 from tests.test_scheduler_fakes import EOS_ID, FakeModelRunner, write_byte_tokenizer
 
@@ -64,12 +64,6 @@ class HashEmbeddingRunner(SentenceRunner):
             ctx = kv[r2t[int(batch.req_pool_indices[i]), :batch.seq_lens_cpu[i]]].tolist()
             rows.append([((hash(tuple(ctx)) >> (4 * d)) % 255 - 127) / 128 for d in range(EMBED_DIM)])
         return EmbeddingPoolerOutput(embeddings=torch.tensor(rows))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_dir() -> str:

@@ -241,9 +241,10 @@ class LiveServer:
 
     def __init__(self, tmpdir: str, args: list[str] = (), env: dict | None = None,
                  model_path: str | None = None, startup_timeout: float = 240.0):
-        import socket
         import subprocess
         import sys
+
+        from nlcli.engine.distributed.node import free_port
 
         if model_path is None:
             model_path = write_byte_tokenizer(os.path.join(tmpdir, "model"))
@@ -251,9 +252,7 @@ class LiveServer:
 
             save_file({"unused": torch.zeros(1)}, os.path.join(model_path, "model.safetensors"))
             env = {"NL_TEST_RUNNER": "tests.test_scheduler_fakes:FakeModelRunner", **(env or {})}
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_path = model_path
         self.log_path = os.path.join(tmpdir, f"serve-{self.port}.log")

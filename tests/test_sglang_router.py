@@ -9,7 +9,6 @@ NL_SGLANG_ROUTER_PYTHON; without it this test is skipped and says so."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from nlcli.engine.distributed.node import free_port
 from tests.test_scheduler_fakes import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,6 @@ def _router_python() -> str:
         pytest.skip("sglang-router is not installed: run scripts/setup_sglang_router.sh (a separate "
                     "venv, .venv-router) or set NL_SGLANG_ROUTER_PYTHON to a python that has it")
     return python
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +55,11 @@ def router(tmp_path_factory, tiny_model_dir):
     try:
         if errors:
             raise errors[0]
-        port = _free_port()
+        port = free_port()
         log = open(tmp_path_factory.mktemp("router") / "router.log", "w")
         proc = subprocess.Popen(
             [python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
-             str(port), "--policy", "cache_aware", "--prometheus-port", str(_free_port()),
+             str(port), "--policy", "cache_aware", "--prometheus-port", str(free_port()),
              "--worker-urls", *[w.url for w in workers]], stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

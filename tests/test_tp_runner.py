@@ -8,11 +8,10 @@ mismatch between ranks refused by name. One group of two ranks runs every case i
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
+from nlcli.engine.distributed.node import free_port
 from tests.tiny_models import EngineDriver, build_tiny_model, make_runner, perturbed_copy
 
 pytestmark = pytest.mark.slow
@@ -119,9 +118,7 @@ def tp2(cases):
     """name -> what rank 0 of a two-rank group returned for that case."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    addr = f"127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(rank, addr, cases, results)) for rank in (0, 1)]
     for p in procs:
         p.start()

@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from nlcli.engine.distributed.node import free_port
 from tests.test_scheduler_fakes import LiveServer
 from tests.test_server_lifecycle import _alive
 from tests.tiny_models import EngineDriver, make_runner
@@ -29,14 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 SMALL = ["--max-total-tokens", "1024", "--max-running-requests", "8", "--dtype", "float32",
          "--device", "cpu"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -90,9 +83,9 @@ def test_one_node_tp2_serves_like_tp1_and_a_dead_rank_stops_it(tmp_path, model):
 
 def test_two_nodes_on_loopback_serve_like_one_rank(tmp_path, model):
     path, want = model
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     flags = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", addr, *SMALL]
-    node1_port = _free_port()
+    node1_port = free_port()
     with open(tmp_path / "node1.log", "w") as log:
         node1 = subprocess.Popen([NL, "serve", "--model-path", path, "--port", str(node1_port),
                                   "--node-rank", "1", *flags], cwd=ROOT, env=ENV, stdout=log,
@@ -118,6 +111,6 @@ def test_an_unreachable_init_address_times_out_naming_it():
     # What a rank > 0 meets when node 0 never came; its process then logs this and exits 1.
     from nlcli.engine.distributed.parallel_state import init_tp_group
 
-    addr = f"127.0.0.1:{_free_port()}"  # nobody listens
+    addr = f"127.0.0.1:{free_port()}"  # nobody listens
     with pytest.raises(TimeoutError, match=f"could not join the group at {addr} within 1 s"):
         init_tp_group(addr, 1, 2, "cpu", 1)

@@ -37,9 +37,14 @@ def dist_addr(args, dp_rank: int = 0) -> str:
     if args.dist_init_addr:
         host, _, port = args.dist_init_addr.rpartition(":")
         return f"{host}:{int(port) + dp_rank}"
+    return f"127.0.0.1:{free_port()}"
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the OS's choice)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+        return s.getsockname()[1]
 
 
 def all_alive(procs: list) -> bool:
