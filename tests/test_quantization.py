@@ -221,7 +221,7 @@ def test_auto_changes_no_float32_model_and_no_model_without_a_4bit_grid(tiny_mod
     assert "float32 stays exact" in f32.quant_plan.describe()
     bf16 = make_runner(base, dtype="bfloat16")
     assert bf16.quant_plan.mode == "none"
-    assert "no 4-bit matrices" in bf16.quant_plan.describe()
+    assert "no 4- or 8-bit matrices" in bf16.quant_plan.describe()
     explicit = make_runner(base, quantization="int8")
     assert explicit.quant_plan.quantized == explicit.quant_plan.total > 0
     assert "--quantization int8, measured per step 1 row" in explicit.quant_plan.describe()

@@ -2,7 +2,9 @@
 
 `plan(batch)` runs once per forward and returns a `TorchAttentionPlan` (gather indices, masks) that
 the ForwardBatch carries; every layer's `forward` reads it from there, so the backend object holds
-no per-forward state. Decodes run as one padded, masked SDPA call; extends run one SDPA call per
+no per-forward state. Decodes run as one call of nl's C kernel (cpu_kernels/csrc/decode_attention.c),
+which reads K/V from the pool in place, for float32 pools on the CPU, and otherwise as one padded,
+masked SDPA call over a gathered copy; extends run one SDPA call per
 request (the causal mask is aligned to the cached prefix), in the 4-D layout of the fused kernel.
 """
 
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
+from nlcli.cpu_kernels import ops as cpu_ops
 from nlcli.engine.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -23,7 +26,10 @@ if TYPE_CHECKING:
 @dataclass
 class _DecodeGroup:
     token_index: Optional[torch.Tensor]  # which rows of the flat token axis (None: all of them)
-    flat_slots: torch.Tensor  # [n * max_len] KV slots, row-major, padding -> 0 (the dummy slot)
+    rows: torch.Tensor  # [n] req_to_token rows
+    seq_lens: torch.Tensor  # [n]
+    # The rest is for SDPA; None when nl's C kernel reads the pool in place.
+    flat_slots: Optional[torch.Tensor]  # [n * max_len] KV slots, row-major, padding -> 0
     max_len: int
     # [n, 1, 1, max_len] additive float mask (0 attended, -inf padding); None when no row is padded.
     # Additive and built once per forward: a bool mask is converted by SDPA in every layer.
@@ -55,6 +61,10 @@ class TorchAttentionBackend:
     def __init__(self, req_to_token_pool, token_to_kv_pool):
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
+        # nl's C decode kernel (cpu_kernels) takes float32 pools on the CPU, contiguous int64 rows.
+        pool = token_to_kv_pool
+        self.c_decode = (pool.device.type == "cpu" and pool.dtype == torch.float32
+                         and req_to_token_pool.req_to_token.is_contiguous() and cpu_ops.available())
 
     def plan(self, batch: ForwardBatch) -> TorchAttentionPlan:
         req_to_token = self.req_to_token_pool.req_to_token
@@ -92,6 +102,8 @@ class TorchAttentionBackend:
 
     def _plan_decode(self, req_to_token, rows, seq_lens, token_index, seq_lens_cpu) -> _DecodeGroup:
         max_len = max(seq_lens_cpu)
+        if self.c_decode:
+            return _DecodeGroup(token_index, rows, seq_lens, None, max_len, None)
         slots = req_to_token[rows, :max_len]
         pool = self.token_to_kv_pool
         if len(seq_lens_cpu) == 1 and rows.device.type == "cpu":
@@ -99,7 +111,8 @@ class TorchAttentionBackend:
             # slots); reading the host tensor here costs no device sync on the CPU.
             start = int(slots[0, 0])
             if max_len == 1 or bool((slots[0, 1:] - slots[0, :-1] == 1).all()):
-                return _DecodeGroup(token_index, slots.reshape(-1), max_len, None, run_start=start)
+                return _DecodeGroup(token_index, rows, seq_lens, slots.reshape(-1), max_len, None,
+                                    run_start=start)
         mask = None
         if min(seq_lens_cpu) != max_len:
             valid = torch.arange(max_len, device=rows.device).unsqueeze(0) < seq_lens.unsqueeze(1)
@@ -108,7 +121,7 @@ class TorchAttentionBackend:
             mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
         # (Gathering into buffers shared by every layer instead of fresh tensors measured no
         # faster: paired decode steps at batch 8 and 32 on a 2-core EPYC.)
-        return _DecodeGroup(token_index, slots.reshape(-1), max_len, mask)
+        return _DecodeGroup(token_index, rows, seq_lens, slots.reshape(-1), max_len, mask)
 
     def forward(self, q, k, v, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         plan: TorchAttentionPlan = batch.attn_plan
@@ -117,7 +130,12 @@ class TorchAttentionBackend:
         o = None
         if plan.decode is not None:
             d = plan.decode
-            out = self._decode(q if d.token_index is None else q[d.token_index], k_buf, v_buf, layer, d)
+            qd = q if d.token_index is None else q[d.token_index]
+            if d.flat_slots is None:
+                out = cpu_ops.decode_attention(qd, k_buf, v_buf, self.req_to_token_pool.req_to_token,
+                                               d.rows, d.seq_lens, layer.scaling).to(q.dtype)
+            else:
+                out = self._decode(qd, k_buf, v_buf, layer, d)
             if d.token_index is None:
                 return out
             o = torch.empty_like(q)

@@ -38,6 +38,7 @@ from nlcli.engine.mem_cache.pool import (
     profile_max_num_tokens,
 )
 from nlcli.engine.model_executor.compile_runner import create_compile_runner
+from nlcli.engine.model_executor.cpu_decode_runner import create_cpu_decode_runner
 from nlcli.engine.model_executor.cuda_graph_runner import create_cuda_graph_runner
 from nlcli.engine.model_executor.device import apply_cpu_threads, choose_device_and_dtype
 from nlcli.engine.model_loader.loader import load_model, weight_bytes
@@ -95,6 +96,9 @@ class ModelRunner:
         self.compile_runner = create_compile_runner(
             server_args, self.model, self.attn_backend, self.device, self.req_to_token_pool.size
         )
+        self.cpu_decode_runner = (create_cpu_decode_runner(
+            server_args, self.model, self.req_to_token_pool, self.token_to_kv_pool,
+            self.quant_plan) if self.device.type == "cpu" and self.model.uses_kv_cache else None)
         self.tp_leader = (StepBroadcaster(self.req_to_token_pool)
                           if self.tp_size > 1 and self.tp_rank == 0 else None)
 
@@ -102,6 +106,8 @@ class ModelRunner:
         """Rebuild the quantized / prepacked copies from the live weights (after an update or a
         rollback), with the choices measured at start."""
         reinstall_linear_methods(self.model, self.quant_plan)
+        if self.cpu_decode_runner is not None:
+            self.cpu_decode_runner.refresh()
         if self.quant_plan.mode != "none":
             logger.info("Quantization after the weight change: %s", self.quant_plan.describe())
 
@@ -158,6 +164,8 @@ class ModelRunner:
             return self.cuda_graph_runner.replay(batch)
         if self.compile_runner is not None and self.compile_runner.can_run(batch):
             return self.compile_runner.forward(batch)
+        if self.cpu_decode_runner is not None and self.cpu_decode_runner.can_run(batch):
+            return self.cpu_decode_runner.forward(batch)
         batch.plan_attention(self.attn_backend)
         return self.model(batch.input_ids, batch.positions, batch)
 

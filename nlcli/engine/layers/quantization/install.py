@@ -1,11 +1,13 @@
 """`--quantization` resolved into one method per linear layer and the lm_head, and installed.
 
 Modes (SGLang's spelling where it has one): `gguf` keeps a checkpoint's own 4-bit matrices as
-4-bit (SGLang's `gguf`; the rest stay dense), `int8` / `int4` quantize every matrix weight-only
-(what SGLang spells `--torchao-config int8wo` / `int4wo-32`; int4 keeps the lm_head at int8),
-`none` keeps dense matmuls, and `auto` (the default) is `gguf` where it measures faster for a
-4-bit checkpoint (the file's own weights, lossless; only the activations are rounded to bfloat16)
-and `none` otherwise. An explicit `--dtype float32` is never changed by `auto`: it stays exact
+4-bit (SGLang's `gguf`; with nl's C kernels its Q8_0 matrices stay 8-bit too; the rest stay
+dense), `int8` / `int4` quantize every matrix weight-only (what SGLang spells `--torchao-config
+int8wo` / `int4wo-32`; int4 keeps the lm_head at int8), `none` keeps dense matmuls, and `auto`
+(the default) is `gguf` where it measures faster for a quantized checkpoint (the file's own
+weights, lossless; only the activations are rounded: to int8 per block of 32 in nl's C kernels,
+llama.cpp's arithmetic, or to bfloat16 in torch's where no C compiler is found) and `none`
+otherwise. An explicit `--dtype float32` is never changed by `auto`: it stays exact
 against transformers.
 
 The quantized copies sit beside the dense weights, which serve large batches and stay the source
@@ -21,7 +23,16 @@ import torch
 
 from nlcli.engine.layers.quantization import prepack
 from nlcli.engine.layers.quantization.choose import Layer, measure
-from nlcli.engine.layers.quantization.methods import Dense, Quantized, int4_method, int8_method
+from nlcli.cpu_kernels import ops as cpu_ops
+from nlcli.engine.layers.quantization import int4_pack
+from nlcli.engine.layers.quantization.methods import (
+    Dense,
+    Quantized,
+    int4_method,
+    int8_method,
+    q4_blocks_method,
+    q8_blocks_method,
+)
 
 MODES = ("auto", "none", "gguf", "int8", "int4")
 # torch's vectorized quantized CPU kernels take bfloat16 activations (float32 is a slow loop).
@@ -68,11 +79,33 @@ def _dense(weight: torch.Tensor, use_prepack: bool):
 
 
 def _quantized(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: bool):
+    if cpu_ops.available():
+        return _blocks(mode, weight, dense, max_rows, lm_head)
     # int4 keeps the lm_head at int8, as llama.cpp's 4-bit files keep their output matrix at 6-8
     # bits: rounded to 4 bits it alone cost SmolLM2 8.6% perplexity (int8 everywhere: 1.5%).
     if mode == "int8" or (mode == "int4" and lm_head):
         return int8_method(weight, dense, COMPUTE_DTYPE, max_rows)
     return int4_method(weight, dense, COMPUTE_DTYPE, max_rows, exact_only=mode == "gguf")
+
+
+def _blocks(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: bool):
+    """nl's C kernels (cpu_kernels): 4-bit as Q4_1 blocks, 8-bit as Q8_0 blocks (per block of 32,
+    finer than torch's per-row int8), activations rounded to int8 per block. `gguf` keeps every matrix that lies on
+    a 4- or 8-bit grid already (a GGUF's Q8_0 output matrix included) and nothing else."""
+    if mode == "int8":
+        # Weight-only: x stays float32. Rounding x as well cost SmolLM2 2.4% perplexity here,
+        # over the 2% guard (tests/test_quantization.py); 4-bit weights with rounded x, 0.5-0.8%.
+        return q8_blocks_method(weight, dense, max_rows, round_x=False)
+    if mode == "int4" and lm_head:
+        return q8_blocks_method(weight, dense, max_rows)
+    if weight.dim() != 2 or weight.shape[1] % int4_pack.GROUP:
+        return None
+    grid = int4_pack.grid_of(weight)
+    if grid is not None:
+        return q4_blocks_method(grid, dense, max_rows, own=True)
+    if mode == "gguf":
+        return q8_blocks_method(weight, dense, max_rows, exact_only=True)
+    return q4_blocks_method(int4_pack.quantize(weight), dense, max_rows, own=False)
 
 
 def _build(plan: QuantPlan, targets, max_rows: int) -> list:
@@ -128,7 +161,7 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
     layers = [Layer(w.shape[1], m.dense, m) for (_, w, _), m in zip(targets, methods)
               if isinstance(m, Quantized)]
     if not layers:
-        plan.mode, plan.reason = "none", f"{src}: no 4-bit matrices in the checkpoint"
+        plan.mode, plan.reason = "none", f"{src}: no 4- or 8-bit matrices in the checkpoint"
         return reinstall(model, plan)
     got = measure(layers, dtype)
     if src == "auto" and got.max_rows == 0:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from nlcli.cpu_kernels import blocks, ops
 from nlcli.engine.layers.quantization import int4_pack, int8_pack
 
 
@@ -38,6 +39,9 @@ class Quantized:
         self.kind, self.kernel, self.compute_dtype = kind, kernel, compute_dtype
         self.out_features, self.dense, self.max_rows = out_features, dense, max_rows
         self.nbytes = nbytes  # of the quantized copy, beside the dense weight
+        # For nl's C kernels: the packed blocks and their kernel (cpu_kernels.ops.matrix reads
+        # them; the fused decode step runs them itself). None for torch's kernels.
+        self.blocks, self.c_kind = None, None
 
     def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.dim() else 0
@@ -72,6 +76,37 @@ def int4_method(weight: torch.Tensor, dense: Callable, compute_dtype: torch.dtyp
     kind = "int4 (checkpoint's own)" if grid is not None else "int4"
     return Quantized(kind, lambda x: int4_pack.int4_mm(x, packed), compute_dtype,
                      weight.shape[0], dense, max_rows, _nbytes(packed))
+
+
+def q4_blocks_method(grid, dense: Callable, max_rows: int, own: bool) -> Quantized:
+    """nl's C kernel (cpu_kernels) over (q, d, m) blocks: float32 in and out, the activations
+    rounded to int8 per block inside the kernel (llama.cpp's arithmetic for Q4_1)."""
+    packed = blocks.q4_from_grid(*grid)
+    kind = "Q4_1 (checkpoint's own)" if own else "Q4_1"
+    return _c_method(kind, packed, ops.Q4, dense, max_rows)
+
+
+def q8_blocks_method(weight: torch.Tensor, dense: Callable, max_rows: int,
+                     exact_only: bool = False, round_x: bool = True) -> Optional[Quantized]:
+    """nl's C kernel over Q8_0 blocks of `weight`; None when `exact_only` and the weight is not
+    already on such a grid (a GGUF's own Q8_0 matrix is, and is kept bit for bit). `round_x`: the
+    activations are rounded to int8 per block too (integer dot products), else stay float32."""
+    if weight.dim() != 2 or weight.shape[1] % blocks.BLOCK:
+        return None
+    packed = blocks.q8_quantize(weight)
+    own = torch.equal(blocks.q8_dequantize(packed), weight.float())
+    if exact_only and not own:
+        return None
+    kind = "Q8_0 (checkpoint's own)" if own else "Q8_0"
+    return _c_method(kind, packed, ops.Q8 if round_x else ops.Q8F, dense, max_rows)
+
+
+def _c_method(kind: str, packed, c_kind: int, dense: Callable, max_rows: int) -> Quantized:
+    desc = ops.matrix(packed, c_kind)  # built once: a call then costs one ctypes call
+    method = Quantized(kind, lambda x: ops.gemm(x, desc), torch.float32, packed.out_features,
+                       dense, max_rows, _nbytes(packed))
+    method.blocks, method.c_kind = packed, c_kind
+    return method
 
 
 def _nbytes(packed) -> int:

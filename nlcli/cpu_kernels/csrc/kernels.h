@@ -1,0 +1,55 @@
+/* What the kernel files share: the weight matrix descriptor (mirrored by ctypes in ops.py) and the
+ * building blocks the fused decode step (decode_step.c) runs inside its one parallel region. */
+#ifndef NL_KERNELS_H
+#define NL_KERNELS_H
+#include <stdint.h>
+
+#define BLOCK 32
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define NL_AVX2 1
+#endif
+
+#ifdef NL_AVX2
+/* exp(x) for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf
+ * coefficients), then scaled by 2^n through the exponent bits. Relative error ~2 ulp; inputs
+ * are clamped to [-87, 88], where 2^n still fits the exponent (e^-87 is the softmax's far tail,
+ * e^88 ~ 1.6e38 stands in for overflow: silu's gate / (1 + e^-gate) is then ~0 either way). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+
+enum { NL_Q4 = 0, NL_Q8 = 1, NL_Q8F = 2 }; /* Q4_1 / Q8_0 with x rounded to int8, Q8_0 float x */
+
+typedef struct {
+    int64_t kind;
+    const void *codes;
+    const uint16_t *scales; /* float16: (d, m) pairs for Q4, d for Q8 */
+    const float *bias;      /* [N] or NULL */
+    int64_t N, K;
+} nl_matrix;
+
+void nl_gemm_prepare(const nl_matrix *w, const float *x, int64_t M, int8_t *xq, float *xd, float *xs);
+void nl_gemm_omp_for(const nl_matrix *w, const float *x, const int8_t *xq, const float *xd,
+                     const float *xs, int64_t M, float *y);
+void nl_decode_attention_omp_for(const float *q, const float *k_buf, const float *v_buf,
+                                 const int64_t *req_to_token, int64_t ctx, const int64_t *rows,
+                                 const int64_t *seq_lens, int64_t B, int64_t H, int64_t Hkv,
+                                 int64_t D, float scale, float *out, int nthreads);
+#endif
