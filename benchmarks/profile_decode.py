@@ -6,8 +6,12 @@ nested part's time is not counted in its parent), so the parts add up to the ste
 matmuls (qkv/o/gate_up/down), lm_head, attention (SDPA and its K/V reads), kv_store
 (set_kv_buffer), norms, rotary, activation, model_other (embedding, reshapes, the attention plan),
 sampling (the sampler), scheduler (everything in Scheduler.step outside the forward and sampler).
+Where the C decode step (model_executor/cpu_decode_runner.py) serves a batch, all of the decoder
+body is one call, `c_decode_step`, and only the lm_head and sampling are timed apart from it.
 CPU ops run synchronously, so wall-clock timers are exact here. The memory floor printed beside
-the figures is weight bytes / measured read bandwidth (a sum over a buffer larger than the caches).
+the figures is the bytes of the weights a step reads (the quantized copies at up to the plan's row
+count, the dense weights above) / measured read bandwidth (a sum over a buffer larger than the
+caches).
 Prints a table (stderr) and one JSON line (stdout):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/profile_decode.py --threads 1
@@ -24,8 +28,8 @@ from collections import defaultdict
 
 import torch
 
-PARTS = ("matmuls", "lm_head", "attention", "kv_store", "norms", "rotary", "activation",
-         "model_other", "sampling", "scheduler")
+PARTS = ("c_decode_step", "matmuls", "lm_head", "attention", "kv_store", "norms", "rotary",
+         "activation", "model_other", "sampling", "scheduler")
 
 
 class PartTimer:
@@ -86,6 +90,9 @@ def instrument(sched, timer: PartTimer) -> None:
                     setattr(mod, method, timer.wrap(part, getattr(mod, method)))
     pool = runner.token_to_kv_pool
     pool.set_kv_buffer = timer.wrap("kv_store", pool.set_kv_buffer)
+    c_step = getattr(runner, "cpu_decode_runner", None)
+    if c_step is not None:
+        c_step.forward = timer.wrap("c_decode_step", c_step.forward)
     runner.forward = timer.wrap("model_other", runner.forward)
     # The sampler: module-level name looked up at call time by OutputProcessor.append_tokens.
     output.sample_each = timer.wrap("sampling", output.sample_each)
@@ -163,20 +170,31 @@ def main() -> None:
         compile_runner.thread.join()
         print(f"torch.compile seconds per bucket: {compile_runner.compile_seconds}", file=sys.stderr)
     bw = read_bandwidth()
-    floor_ms = runner.weight_bytes / bw * 1000
+    # A step reads the quantized copies up to the plan's row count where every matrix has one,
+    # else the dense weights.
+    plan = runner.quant_plan
+    dense_bytes = runner.weight_bytes - plan.extra_bytes
+    all_quantized = plan.quantized and plan.quantized == plan.total
+
+    def floor_ms(bs: int) -> float:
+        small = all_quantized and bs <= plan.max_rows
+        return (plan.extra_bytes if small else dense_bytes) / bw * 1000
+
     result = {"threads": torch.get_num_threads(), "dtype": str(runner.dtype),
-              "weight_mb": runner.weight_bytes / 1e6, "read_gbps": bw / 1e9,
-              "floor_ms": floor_ms,
+              "weight_mb": dense_bytes / 1e6, "quantized_mb": plan.extra_bytes / 1e6,
+              "quantized_up_to_rows": plan.max_rows, "read_gbps": bw / 1e9,
               "compile_s": compile_runner.compile_seconds if compile_runner is not None else None}
-    print(f"threads {result['threads']}, {runner.dtype}, weights {runner.weight_bytes / 1e6:.0f} MB, "
-          f"read bandwidth {bw / 1e9:.1f} GB/s -> memory floor {floor_ms:.1f} ms/step",
+    print(f"threads {result['threads']}, {runner.dtype}, weights {dense_bytes / 1e6:.0f} MB dense, "
+          f"{plan.extra_bytes / 1e6:.0f} MB quantized (read at up to {plan.max_rows} rows), "
+          f"read bandwidth {bw / 1e9:.1f} GB/s",
           file=sys.stderr)
     for bs in [int(x) for x in a.batch_sizes.split(",")]:
         times = run_batch(sched, bs, a.ctx, a.steps, seed=bs)
         step_ms = statistics.median(t for t, _ in times) * 1000
         parts = {k: statistics.median(d.get(k, 0.0) for _, d in times) * 1000 for k in PARTS}
-        result[f"bs{bs}"] = {"step_ms": step_ms, **{k: round(v, 2) for k, v in parts.items()}}
-        print(f"batch {bs}: {step_ms:.1f} ms/step (floor {floor_ms:.1f} ms), "
+        result[f"bs{bs}"] = {"step_ms": step_ms, "floor_ms": round(floor_ms(bs), 2),
+                             **{k: round(v, 2) for k, v in parts.items()}}
+        print(f"batch {bs}: {step_ms:.1f} ms/step (memory floor {floor_ms(bs):.1f} ms), "
               f"{bs / step_ms * 1000:.0f} tok/s", file=sys.stderr)
         for k in PARTS:
             print(f"  {k:12s} {parts[k]:7.2f} ms", file=sys.stderr)

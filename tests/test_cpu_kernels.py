@@ -1,10 +1,11 @@
 """nl's C CPU kernels (nlcli/cpu_kernels) against torch references of the same arithmetic.
 
-- Block matmuls: Q4_1 and Q8_0 weights with x rounded to int8 per block must equal
-  (rounded x) @ (dequantized w).T, the arithmetic llama.cpp uses, to float rounding; Q8_0 with
-  float x must equal x @ (dequantized w).T. Every row count up to past the 4-row tile, and a bias.
+- Block matmuls: Q4_1 and Q8_0 weights with x rounded to int16 per block must equal
+  (rounded x) @ (dequantized w).T to float rounding, and x @ (dequantized w).T to ~1e-4 of its
+  scale. Every row count up to past the 4-row tile, and a bias.
 - Decode attention over the pool in place must equal SDPA over the gathered K/V, for grouped
-  heads, ragged lengths, scattered slots, and both ways of sharing out the work.
+  heads, ragged lengths, scattered slots, both ways of sharing out the work, float32 and
+  bfloat16 pools.
 - Without a C compiler the engine keeps torch's kernels and still serves.
 """
 
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.skipif(not ops.available(), reason="no C compiler for n
 
 
 def round_x(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to int8 per block of 32 (absmax -> 127), back in float: what the kernels see."""
+    """x rounded to int16 per block of 32 (absmax -> 32767), back in float: what the kernels see."""
     xb = x.reshape(x.shape[0], -1, 32)
-    d = xb.abs().amax(-1, keepdim=True) / 127
+    d = xb.abs().amax(-1, keepdim=True) / 32767
     q = torch.where(d > 0, xb / d, torch.zeros_like(xb)).round()
     return (q * d).reshape(x.shape)
 
@@ -45,29 +46,28 @@ def test_q4_matmul_is_rounded_x_times_the_blocks(rows):
     x = torch.randn(rows, 160) * 3
     got = ops.q4_mm(x, packed)
     torch.testing.assert_close(got, round_x(x) @ wd.T, rtol=1e-5, atol=1e-4)
-    # and it is a matmul with w, up to the rounding of x and of w to 4 bits
-    exact = x @ w.T
-    assert float((got - exact).norm() / exact.norm()) < 0.15
+    # and, x's rounding aside, the float matmul with the dequantized weights
+    torch.testing.assert_close(got, x @ wd.T, rtol=1e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 6])
-def test_q8_matmul_with_and_without_rounding_x(rows):
+def test_q8_matmul_is_rounded_x_times_the_blocks(rows):
     w = _weights(80, 128, rows)
     packed = blocks.q8_quantize(w)
     wd = blocks.q8_dequantize(packed)
     x = torch.randn(rows, 128)
     torch.testing.assert_close(ops.q8_mm(x, packed), round_x(x) @ wd.T, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ops.q8_mm(x, packed, round_x=False), x @ wd.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.q8_mm(x, packed), x @ wd.T, rtol=1e-3, atol=1e-4)
 
 
 def test_gemm_adds_the_bias_and_keeps_leading_dims():
     w, bias = _weights(64, 96, 1), torch.randn(64)
     packed = blocks.q8_quantize(w)
     x = torch.randn(2, 3, 96)
-    got = ops.gemm(x, ops.matrix(packed, ops.Q8F, bias))
+    got = ops.gemm(x, ops.matrix(packed, ops.Q8, bias))
     assert got.shape == (2, 3, 64)
     ref = F.linear(x, blocks.q8_dequantize(packed), bias)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
 
 
 def test_q8_of_a_q8_grid_gives_back_its_codes_and_scales():
@@ -104,13 +104,15 @@ def _sdpa_reference(q, k_buf, v_buf, req_to_token, rows, lens, scale):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,dim", [(1, 9, 3, 64), (5, 4, 2, 16), (3, 6, 6, 24),
                                                      (8, 8, 1, 32)])
-def test_decode_attention_reads_the_pool_in_place(batch, heads, kv_heads, dim):
+def test_decode_attention_reads_the_pool_in_place(batch, heads, kv_heads, dim, dtype):
+    """bfloat16 pools are widened exactly as they are read: the same result as float32 K/V."""
     g = torch.Generator().manual_seed(batch * 100 + heads)
     pool = 400
-    k_buf = torch.randn(pool, kv_heads, dim, generator=g)
-    v_buf = torch.randn(pool, kv_heads, dim, generator=g)
+    k_buf = torch.randn(pool, kv_heads, dim, generator=g).to(dtype)
+    v_buf = torch.randn(pool, kv_heads, dim, generator=g).to(dtype)
     lens = torch.randint(1, 70, (batch,), generator=g)
     lens[0] = 1  # a request with only its new token
     req_to_token = torch.zeros(batch + 2, 80, dtype=torch.int64)
@@ -122,7 +124,8 @@ def test_decode_attention_reads_the_pool_in_place(batch, heads, kv_heads, dim):
         used += int(lens[b])
     q = torch.randn(batch, heads, dim, generator=g)
     got = ops.decode_attention(q, k_buf, v_buf, req_to_token, rows, lens, dim**-0.5)
-    ref = _sdpa_reference(q, k_buf, v_buf, req_to_token, rows, lens, dim**-0.5)
+    ref = _sdpa_reference(q, k_buf.float(), v_buf.float(), req_to_token, rows, lens, dim**-0.5)
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
 
 

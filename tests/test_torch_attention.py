@@ -2,7 +2,8 @@
 slots (cached prefix + new tokens), causally by absolute position, in float64 with plain
 softmax. Covers extends with and without a cached prefix, GQA and MHA, a one-token extend, and a
 mixed batch where decodes share the batched decode call, a lone decode read in place from its
-slot run; float32 and bfloat16 pools."""
+slot run; float32 and bfloat16 pools; decodes on nl's C kernel (the CPU default) and on SDPA (where
+no C compiler is found, and GPUs without Triton)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def naive(q, k, v, scale):
 SHAPES = [(0, 37), (23, 19), (40, 1), (0, 1), (9, 1), (64, 65)]
 
 
-def run_layer(shapes, dtype, heads, kv_heads, contiguous=False):
+def run_layer(shapes, dtype, heads, kv_heads, contiguous=False, c_decode=None):
     """One attention layer's forward over a batch of `shapes` with random q/k/v and scattered
-    slots (ascending ones with `contiguous`); returns (output, q, per-request k, per-request v,
-    scale)."""
+    slots (ascending ones with `contiguous`); `c_decode` False forces SDPA for decodes. Returns
+    (output, q, per-request k, per-request v, scale)."""
     gen = torch.Generator().manual_seed(0)
     pool = TokenToKVPool(512, dtype, kv_heads, D, 1)
     rows = ReqToTokenPool(len(shapes), 256)
@@ -64,18 +65,22 @@ def run_layer(shapes, dtype, heads, kv_heads, contiguous=False):
     batch = ForwardBatch.create([[0] * e for _, e in shapes], [p for p, _ in shapes],
                                 list(range(len(shapes))), torch.cat(new_loc))
     backend = TorchAttentionBackend(rows, pool)
+    if c_decode is not None:
+        backend.c_decode = backend.c_decode and c_decode
     batch.plan_attention(backend)
     if contiguous and len(shapes) == 1 and shapes[0][1] == 1:
-        assert batch.attn_plan.decode.run_start == 1  # the in-place path, not a gather
+        d = batch.attn_plan.decode  # read in place: by the C kernel, or SDPA on a view, no gather
+        assert d.flat_slots is None if backend.c_decode else d.run_start == 1
     k_new = torch.cat([k[p:] for k, (p, _) in zip(ks, shapes)])
     v_new = torch.cat([v[p:] for v, (p, _) in zip(vs, shapes)])
     return backend.forward(q, k_new, v_new, layer, batch), q, ks, vs, layer.scaling
 
 
+@pytest.mark.parametrize("c_decode", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3)])
-def test_paged_attention_equals_naive(dtype, tol, heads, kv_heads):
-    got, q, ks, vs, scale = run_layer(SHAPES, dtype, heads, kv_heads)
+def test_paged_attention_equals_naive(dtype, tol, heads, kv_heads, c_decode):
+    got, q, ks, vs, scale = run_layer(SHAPES, dtype, heads, kv_heads, c_decode=c_decode)
     start = 0
     for k, v, (pre, ext) in zip(ks, vs, SHAPES):
         want = naive(q[start: start + ext], k, v, scale)
@@ -84,10 +89,11 @@ def test_paged_attention_equals_naive(dtype, tol, heads, kv_heads):
         start += ext
 
 
+@pytest.mark.parametrize("c_decode", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("pre", [0, 1, 40])
-def test_decode_reads_a_lone_requests_run_in_place(dtype, tol, pre):
-    got, q, ks, vs, scale = run_layer([(pre, 1)], dtype, 4, 2, contiguous=True)
+def test_decode_reads_a_lone_requests_run_in_place(dtype, tol, pre, c_decode):
+    got, q, ks, vs, scale = run_layer([(pre, 1)], dtype, 4, 2, contiguous=True, c_decode=c_decode)
     want = naive(q, ks[0], vs[0], scale)
     assert (got.double() - want).abs().max() / want.abs().max() < tol
 

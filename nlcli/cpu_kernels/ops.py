@@ -21,7 +21,9 @@ from nlcli.cpu_kernels.blocks import Q4Blocks, Q8Blocks
 logger = logging.getLogger(__name__)
 
 # nl_matrix.kind (csrc/kernels.h)
-Q4, Q8, Q8F = 0, 1, 2
+Q4, Q8 = 0, 1
+# What the attention and the decode step read and write K/V in.
+KV_DTYPES = (torch.float32, torch.bfloat16)
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
@@ -34,7 +36,8 @@ class Matrix(ctypes.Structure):
 
 _SIGNATURES = {
     "nl_gemm": [ctypes.POINTER(Matrix), _P, _I64, _P, _INT],
-    "nl_decode_attention": [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _F32, _P, _INT],
+    "nl_decode_attention": [_P, _P, _P, _INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _F32, _P,
+                            _INT],
     "nl_decode_step": [_P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _INT],
 }
 
@@ -91,25 +94,26 @@ def gemm(x: torch.Tensor, m: Matrix) -> torch.Tensor:
 
 
 def q4_mm(x: torch.Tensor, w: Q4Blocks) -> torch.Tensor:
-    """x [..., K] @ w.T: x rounded to int8 per block of 32 (llama.cpp's Q4_1 x Q8_1)."""
+    """x [..., K] @ w.T, x rounded to int16 per block of 32 inside the kernel."""
     return gemm(x, matrix(w, Q4))
 
 
-def q8_mm(x: torch.Tensor, w: Q8Blocks, round_x: bool = True) -> torch.Tensor:
-    """x [..., K] @ w.T; `round_x`: x rounded to int8 per block (integer dot products, faster),
-    else kept in float32 (weight-only int8)."""
-    return gemm(x, matrix(w, Q8 if round_x else Q8F))
+def q8_mm(x: torch.Tensor, w: Q8Blocks) -> torch.Tensor:
+    """x [..., K] @ w.T, x rounded to int16 per block of 32 inside the kernel."""
+    return gemm(x, matrix(w, Q8))
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                      req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """q [B, H, D]; k_buf, v_buf [S, Hkv, D] float32 pools; request b attends over
+    """q [B, H, D]; k_buf, v_buf [S, Hkv, D] float32 or bfloat16 pools; request b attends over
     req_to_token[rows[b], :seq_lens[b]] (int64). -> [B, H, D] float32."""
     B, H, D = q.shape
     Hkv = k_buf.shape[1]
-    if k_buf.dtype != torch.float32 or not (k_buf.is_contiguous() and v_buf.is_contiguous()):
-        raise ValueError("decode_attention reads contiguous float32 K/V pools")
+    if k_buf.dtype not in KV_DTYPES or v_buf.dtype != k_buf.dtype:
+        raise ValueError(f"decode_attention reads float32 or bfloat16 pools, not {k_buf.dtype}")
+    if not (k_buf.is_contiguous() and v_buf.is_contiguous()):
+        raise ValueError("decode_attention reads contiguous K/V pools")
     if req_to_token.dtype != torch.int64 or not req_to_token.is_contiguous():
         raise ValueError("req_to_token must be contiguous int64")
     q = q.to(torch.float32).contiguous()
@@ -117,7 +121,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     seq_lens = seq_lens.to(torch.int64).contiguous()
     out = torch.empty(B, H, D)
     lib().nl_decode_attention(q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
-                              req_to_token.data_ptr(), req_to_token.shape[1], rows.data_ptr(),
+                              int(k_buf.dtype == torch.bfloat16), req_to_token.data_ptr(), req_to_token.shape[1], rows.data_ptr(),
                               seq_lens.data_ptr(), B, H, Hkv, D, scale, out.data_ptr(),
                               torch.get_num_threads())
     return out

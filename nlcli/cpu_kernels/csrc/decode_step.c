@@ -5,6 +5,9 @@
  * one call from Python and a barrier per part instead of a dispatch, an allocation and a fork-join
  * per torch op, which is most of a small model's decode time on a CPU.
  *
+ * Activations stay float32 between the matmuls whatever the model's dtype; a bfloat16 model's
+ * embedding rows are widened as they are read and its K/V narrowed as they are stored.
+ *
  * It computes what models/llama.py computes, with the same weights (the quantized copies of
  * layers/quantization) and the same arithmetic up to the order of sums:
  *   residual = embed[token]
@@ -25,14 +28,15 @@
 typedef struct {
     const float *attn_norm, *ffn_norm;
     nl_matrix qkv, o, gate_up, down;
-    float *k_buf, *v_buf; /* this layer's pool, [slots, Hkv, D] */
+    void *k_buf, *v_buf; /* this layer's pool, [slots, Hkv, D], float32 or bfloat16 */
 } nl_layer;
 
 typedef struct {
     int64_t n_layers, hidden, heads, kv_heads, head_dim, inter;
     float eps, scale;
-    const float *embed;      /* [vocab, hidden] */
-    const float *final_norm; /* [hidden] */
+    int64_t embed_bf16, kv_bf16; /* the embedding table's and the KV pool's dtype: else float32 */
+    const void *embed;       /* [vocab, hidden] */
+    const float *final_norm; /* [hidden]; the norms are float32 whatever the model's dtype */
     const float *cos_sin;    /* [positions, 2 * head_dim]: cos | cos | -sin | sin (rotary.py) */
     const nl_layer *layers;
 } nl_model;
@@ -68,6 +72,16 @@ static void silu_mul(const float *gate, const float *up, int64_t n, float *out) 
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+/* Row `slot` of a pool of `width`-element rows := src (narrowed to bfloat16 when the pool is). */
+static void store_row(void *pool, int bf16, int64_t slot, int64_t width, const float *src) {
+    if (!bf16) {
+        memcpy((float *)pool + slot * width, src, sizeof(float) * (size_t)width);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)pool + slot * width;
+    for (int64_t i = 0; i < width; i++) dst[i] = float_to_bf16(src[i]);
+}
+
 static void add_rows(float *acc, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) acc[i] += x[i];
 }
@@ -85,7 +99,7 @@ void nl_decode_step(const nl_model *m, const int64_t *tokens, const int64_t *pos
     float *q = malloc(sizeof(float) * (size_t)(B * H * D));
     float *attn = malloc(sizeof(float) * (size_t)(B * H * D));
     float *gu = malloc(sizeof(float) * (size_t)(B * 2 * I));
-    int8_t *xq = malloc((size_t)(B * kmax));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(B * kmax));
     float *xd = malloc(sizeof(float) * (size_t)(B * kmax / BLOCK));
     float *xs = malloc(sizeof(float) * (size_t)(B * kmax / BLOCK));
 
@@ -95,28 +109,32 @@ void nl_decode_step(const nl_model *m, const int64_t *tokens, const int64_t *pos
 #pragma omp single
         {
             for (int64_t b = 0; b < B; b++) {
-                memcpy(residual + b * Hd, m->embed + tokens[b] * Hd, sizeof(float) * (size_t)Hd);
+                float *r = residual + b * Hd;
+                if (m->embed_bf16)
+                    for (int64_t i = 0; i < Hd; i++) r[i] = bf16_to_float(((const uint16_t *)m->embed)[tokens[b] * Hd + i]);
+                else
+                    memcpy(r, (const float *)m->embed + tokens[b] * Hd, sizeof(float) * (size_t)Hd);
                 rmsnorm(residual + b * Hd, m->layers[0].attn_norm, Hd, m->eps, h + b * Hd);
             }
             nl_gemm_prepare(&m->layers[0].qkv, h, B, xq, xd, xs);
         }
         for (int64_t l = 0; l < m->n_layers; l++) {
             const nl_layer *L = &m->layers[l];
-            nl_gemm_omp_for(&L->qkv, h, xq, xd, xs, B, qkv);
+            nl_gemm_omp_for(&L->qkv, xq, xd, xs, B, qkv);
 #pragma omp single
             for (int64_t b = 0; b < B; b++) {
                 float *row = qkv + b * qkv_n;
                 const float *cs = m->cos_sin + positions[b] * 2 * D;
                 for (int64_t j = 0; j < H + Hkv; j++) rope(row + j * D, cs, D);
                 memcpy(q + b * H * D, row, sizeof(float) * (size_t)(H * D));
-                memcpy(L->k_buf + out_loc[b] * Hkv * D, row + H * D, sizeof(float) * (size_t)(Hkv * D));
-                memcpy(L->v_buf + out_loc[b] * Hkv * D, row + (H + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
+                store_row(L->k_buf, (int)m->kv_bf16, out_loc[b], Hkv * D, row + H * D);
+                store_row(L->v_buf, (int)m->kv_bf16, out_loc[b], Hkv * D, row + (H + Hkv) * D);
             }
-            nl_decode_attention_omp_for(q, L->k_buf, L->v_buf, req_to_token, ctx, rows, seq_lens, B,
-                                        H, Hkv, D, m->scale, attn, nt);
+            nl_decode_attention_omp_for(q, L->k_buf, L->v_buf, (int)m->kv_bf16, req_to_token, ctx,
+                                        rows, seq_lens, B, H, Hkv, D, m->scale, attn, nt);
 #pragma omp single
             nl_gemm_prepare(&L->o, attn, B, xq, xd, xs);
-            nl_gemm_omp_for(&L->o, attn, xq, xd, xs, B, tmp);
+            nl_gemm_omp_for(&L->o, xq, xd, xs, B, tmp);
 #pragma omp single
             {
                 for (int64_t b = 0; b < B; b++) {
@@ -125,13 +143,13 @@ void nl_decode_step(const nl_model *m, const int64_t *tokens, const int64_t *pos
                 }
                 nl_gemm_prepare(&L->gate_up, h, B, xq, xd, xs);
             }
-            nl_gemm_omp_for(&L->gate_up, h, xq, xd, xs, B, gu);
+            nl_gemm_omp_for(&L->gate_up, xq, xd, xs, B, gu);
 #pragma omp single
             {
                 for (int64_t b = 0; b < B; b++) silu_mul(gu + b * 2 * I, gu + b * 2 * I + I, I, h + b * I);
                 nl_gemm_prepare(&L->down, h, B, xq, xd, xs);
             }
-            nl_gemm_omp_for(&L->down, h, xq, xd, xs, B, tmp);
+            nl_gemm_omp_for(&L->down, xq, xd, xs, B, tmp);
 #pragma omp single
             {
                 const int last = l + 1 == m->n_layers;

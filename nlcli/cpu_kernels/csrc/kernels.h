@@ -11,6 +11,19 @@
 #define NL_AVX2 1
 #endif
 
+/* bfloat16 <-> float32: bfloat16 is float32's upper 16 bits; narrowing rounds to nearest even,
+ * as torch's .to(torch.bfloat16) does. */
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
 #ifdef NL_AVX2
 /* exp(x) for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf
  * coefficients), then scaled by 2^n through the exponent bits. Relative error ~2 ulp; inputs
@@ -35,7 +48,7 @@ static inline __m256 exp8(__m256 x) {
 #endif
 
 
-enum { NL_Q4 = 0, NL_Q8 = 1, NL_Q8F = 2 }; /* Q4_1 / Q8_0 with x rounded to int8, Q8_0 float x */
+enum { NL_Q4 = 0, NL_Q8 = 1 }; /* Q4_1 / Q8_0 blocks */
 
 typedef struct {
     int64_t kind;
@@ -45,10 +58,10 @@ typedef struct {
     int64_t N, K;
 } nl_matrix;
 
-void nl_gemm_prepare(const nl_matrix *w, const float *x, int64_t M, int8_t *xq, float *xd, float *xs);
-void nl_gemm_omp_for(const nl_matrix *w, const float *x, const int8_t *xq, const float *xd,
-                     const float *xs, int64_t M, float *y);
-void nl_decode_attention_omp_for(const float *q, const float *k_buf, const float *v_buf,
+void nl_gemm_prepare(const nl_matrix *w, const float *x, int64_t M, int16_t *xq, float *xd, float *xs);
+void nl_gemm_omp_for(const nl_matrix *w, const int16_t *xq, const float *xd, const float *xs,
+                     int64_t M, float *y);
+void nl_decode_attention_omp_for(const float *q, const void *k_buf, const void *v_buf, int kv_bf16,
                                  const int64_t *req_to_token, int64_t ctx, const int64_t *rows,
                                  const int64_t *seq_lens, int64_t B, int64_t H, int64_t Hkv,
                                  int64_t D, float scale, float *out, int nthreads);

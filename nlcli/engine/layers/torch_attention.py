@@ -3,7 +3,7 @@
 `plan(batch)` runs once per forward and returns a `TorchAttentionPlan` (gather indices, masks) that
 the ForwardBatch carries; every layer's `forward` reads it from there, so the backend object holds
 no per-forward state. Decodes run as one call of nl's C kernel (cpu_kernels/csrc/decode_attention.c),
-which reads K/V from the pool in place, for float32 pools on the CPU, and otherwise as one padded,
+which reads K/V from the pool in place, for float32 and bfloat16 pools on the CPU, and otherwise as one padded,
 masked SDPA call over a gathered copy; extends run one SDPA call per
 request (the causal mask is aligned to the cached prefix), in the 4-D layout of the fused kernel.
 """
@@ -61,9 +61,9 @@ class TorchAttentionBackend:
     def __init__(self, req_to_token_pool, token_to_kv_pool):
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
-        # nl's C decode kernel (cpu_kernels) takes float32 pools on the CPU, contiguous int64 rows.
+        # nl's C decode kernel (cpu_kernels) takes float32 or bfloat16 pools on the CPU.
         pool = token_to_kv_pool
-        self.c_decode = (pool.device.type == "cpu" and pool.dtype == torch.float32
+        self.c_decode = (pool.device.type == "cpu" and pool.dtype in cpu_ops.KV_DTYPES
                          and req_to_token_pool.req_to_token.is_contiguous() and cpu_ops.available())
 
     def plan(self, batch: ForwardBatch) -> TorchAttentionPlan:

@@ -8,7 +8,8 @@ weights the per-op path uses (layers/quantization's Q4_1 / Q8_0 blocks), the sam
 same rotary table; only the lm_head and sampling stay in torch (model.logits).
 
 It takes over where everything it needs holds, and is skipped otherwise (the per-op path runs):
-- CPU, float32 weights and KV pool, one tensor-parallel rank, no --enable-torch-compile;
+- CPU, float32 or bfloat16 weights and KV pool (activations are float32 inside the step either
+  way, as the block kernels take them), one tensor-parallel rank, no --enable-torch-compile;
 - a Llama, Mistral or Qwen2 decoder (no per-head q/k norm), SiLU MLP, full-width rotary;
 - every decoder matrix on nl's C block kernels (`--quantization` gguf, int8 or int4, or auto
   where it picked them), and no bias but the qkv one;
@@ -44,7 +45,8 @@ class _Model(ctypes.Structure):
     """decode_step.c's nl_model."""
     _fields_ = [("n_layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64),
                 ("head_dim", _I64), ("inter", _I64), ("eps", _F32), ("scale", _F32),
-                ("embed", _P), ("final_norm", _P), ("cos_sin", _P), ("layers", ctypes.POINTER(_Layer))]
+                ("embed_bf16", _I64), ("kv_bf16", _I64), ("embed", _P), ("final_norm", _P),
+                ("cos_sin", _P), ("layers", ctypes.POINTER(_Layer))]
 
 
 def _matrix(linear) -> Optional[ops.Matrix]:
@@ -62,11 +64,11 @@ def why_not(model, kv_pool, server_args) -> Optional[str]:
         return "per-head q/k norm"
     if server_args.tp_size > 1 or server_args.enable_torch_compile:
         return "tensor parallelism or torch.compile"
-    if kv_pool.device.type != "cpu" or kv_pool.dtype != torch.float32:
-        return "not a float32 CPU KV pool"
+    if kv_pool.device.type != "cpu" or kv_pool.dtype not in ops.KV_DTYPES:
+        return "not a float32 or bfloat16 CPU KV pool"
     body = model.model
-    if body.embed_tokens.weight.dtype != torch.float32:
-        return "not float32 weights"
+    if body.embed_tokens.weight.dtype not in ops.KV_DTYPES:
+        return "not float32 or bfloat16 weights"
     rope = body.rotary_emb
     if rope.rotary_dim != rope.head_dim or rope.head_dim % 2 or rope.head_dim > 512:
         return "partial rotary or head_dim over 512"
@@ -94,22 +96,27 @@ class CpuDecodeRunner:
         """(Re)build the descriptors from the live weights and their quantized copies."""
         body, cfg = self.model.model, self.model.config
         layers = (_Layer * len(body.layers))()
+        # float32 views of the small tables (copies only for a bfloat16 model); kept alive here.
+        self.tables = [t.float().contiguous() for layer in body.layers for t in
+                       (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        self.tables += [body.norm.weight.float().contiguous(),
+                        body.rotary_emb.cos_sin_cache.float().contiguous()]
         for i, layer in enumerate(body.layers):
             attn, mlp = layer.self_attn, layer.mlp
             k_buf, v_buf = self.kv_pool.get_kv_buffer(i)
-            layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(),
-                               layer.post_attention_layernorm.weight.data_ptr(),
+            layers[i] = _Layer(self.tables[2 * i].data_ptr(), self.tables[2 * i + 1].data_ptr(),
                                _matrix(attn.qkv_proj), _matrix(attn.o_proj),
                                _matrix(mlp.gate_up_proj), _matrix(mlp.down_proj),
                                k_buf.data_ptr(), v_buf.data_ptr())
         attn0 = body.layers[0].self_attn
-        self.hidden = cfg.hidden_size
+        embed = body.embed_tokens.weight
+        self.hidden, self.dtype = cfg.hidden_size, embed.dtype
         self.layers = layers  # the model struct points into it
         self.desc = _Model(len(body.layers), cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads,
                            attn0.head_dim, body.layers[0].mlp.down_proj.weight.shape[1],
-                           body.norm.eps, attn0.attn.scaling, body.embed_tokens.weight.data_ptr(),
-                           body.norm.weight.data_ptr(), body.rotary_emb.cos_sin_cache.data_ptr(),
-                           layers)
+                           body.norm.eps, attn0.attn.scaling, embed.dtype == torch.bfloat16,
+                           self.kv_pool.dtype == torch.bfloat16, embed.data_ptr(),
+                           self.tables[-2].data_ptr(), self.tables[-1].data_ptr(), layers)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.forward_mode == ForwardMode.DECODE and 0 < batch.batch_size <= self.max_rows
@@ -123,7 +130,7 @@ class CpuDecodeRunner:
                                  loc.data_ptr(), r2t.data_ptr(), r2t.shape[1], rows.data_ptr(),
                                  lens.data_ptr(), batch.batch_size, hidden.data_ptr(),
                                  torch.get_num_threads())
-        return self.model.logits(hidden, batch)
+        return self.model.logits(hidden.to(self.dtype), batch)
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,8 @@ Modes (SGLang's spelling where it has one): `gguf` keeps a checkpoint's own 4-bi
 dense), `int8` / `int4` quantize every matrix weight-only (what SGLang spells `--torchao-config
 int8wo` / `int4wo-32`; int4 keeps the lm_head at int8), `none` keeps dense matmuls, and `auto`
 (the default) is `gguf` where it measures faster for a quantized checkpoint (the file's own
-weights, lossless; only the activations are rounded: to int8 per block of 32 in nl's C kernels,
-llama.cpp's arithmetic, or to bfloat16 in torch's where no C compiler is found) and `none`
-otherwise. An explicit `--dtype float32` is never changed by `auto`: it stays exact
+weights, lossless; only the activations are rounded: to int16 per block of 32 in nl's C kernels,
+or to bfloat16 in torch's where no C compiler is found) and `none` otherwise. An explicit `--dtype float32` is never changed by `auto`: it stays exact
 against transformers.
 
 The quantized copies sit beside the dense weights, which serve large batches and stay the source
@@ -90,13 +89,9 @@ def _quantized(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: b
 
 def _blocks(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: bool):
     """nl's C kernels (cpu_kernels): 4-bit as Q4_1 blocks, 8-bit as Q8_0 blocks (per block of 32,
-    finer than torch's per-row int8), activations rounded to int8 per block. `gguf` keeps every matrix that lies on
+    finer than torch's per-row int8), activations rounded to int16 per block. `gguf` keeps every matrix that lies on
     a 4- or 8-bit grid already (a GGUF's Q8_0 output matrix included) and nothing else."""
-    if mode == "int8":
-        # Weight-only: x stays float32. Rounding x as well cost SmolLM2 2.4% perplexity here,
-        # over the 2% guard (tests/test_quantization.py); 4-bit weights with rounded x, 0.5-0.8%.
-        return q8_blocks_method(weight, dense, max_rows, round_x=False)
-    if mode == "int4" and lm_head:
+    if mode == "int8" or (mode == "int4" and lm_head):
         return q8_blocks_method(weight, dense, max_rows)
     if weight.dim() != 2 or weight.shape[1] % int4_pack.GROUP:
         return None

@@ -80,17 +80,16 @@ def int4_method(weight: torch.Tensor, dense: Callable, compute_dtype: torch.dtyp
 
 def q4_blocks_method(grid, dense: Callable, max_rows: int, own: bool) -> Quantized:
     """nl's C kernel (cpu_kernels) over (q, d, m) blocks: float32 in and out, the activations
-    rounded to int8 per block inside the kernel (llama.cpp's arithmetic for Q4_1)."""
+    rounded to int16 per block inside the kernel (integer dot products, ~15-bit x)."""
     packed = blocks.q4_from_grid(*grid)
     kind = "Q4_1 (checkpoint's own)" if own else "Q4_1"
     return _c_method(kind, packed, ops.Q4, dense, max_rows)
 
 
 def q8_blocks_method(weight: torch.Tensor, dense: Callable, max_rows: int,
-                     exact_only: bool = False, round_x: bool = True) -> Optional[Quantized]:
+                     exact_only: bool = False) -> Optional[Quantized]:
     """nl's C kernel over Q8_0 blocks of `weight`; None when `exact_only` and the weight is not
-    already on such a grid (a GGUF's own Q8_0 matrix is, and is kept bit for bit). `round_x`: the
-    activations are rounded to int8 per block too (integer dot products), else stay float32."""
+    already on such a grid (a GGUF's own Q8_0 matrix is, and is kept bit for bit)."""
     if weight.dim() != 2 or weight.shape[1] % blocks.BLOCK:
         return None
     packed = blocks.q8_quantize(weight)
@@ -98,7 +97,7 @@ def q8_blocks_method(weight: torch.Tensor, dense: Callable, max_rows: int,
     if exact_only and not own:
         return None
     kind = "Q8_0 (checkpoint's own)" if own else "Q8_0"
-    return _c_method(kind, packed, ops.Q8 if round_x else ops.Q8F, dense, max_rows)
+    return _c_method(kind, packed, ops.Q8, dense, max_rows)
 
 
 def _c_method(kind: str, packed, c_kind: int, dense: Callable, max_rows: int) -> Quantized:
