@@ -111,6 +111,7 @@ class CpuDecodeRunner:
         attn0 = body.layers[0].self_attn
         embed = body.embed_tokens.weight
         self.hidden, self.dtype = cfg.hidden_size, embed.dtype
+        self.vocab, self.max_position = embed.shape[0], body.rotary_emb.cos_sin_cache.shape[0]
         self.layers = layers  # the model struct points into it
         self.desc = _Model(len(body.layers), cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads,
                            attn0.head_dim, body.layers[0].mlp.down_proj.weight.shape[1],
@@ -119,7 +120,13 @@ class CpuDecodeRunner:
                            self.tables[-2].data_ptr(), self.tables[-1].data_ptr(), layers)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.forward_mode == ForwardMode.DECODE and 0 < batch.batch_size <= self.max_rows
+        """A decode batch small enough, whose token ids and positions index the tables: C reads
+        them unchecked, and the per-op path raises a clean error for a bad one instead."""
+        if batch.forward_mode != ForwardMode.DECODE or not 0 < batch.batch_size <= self.max_rows:
+            return False
+        ids, pos = batch.input_ids, batch.positions
+        return (0 <= int(ids.min()) and int(ids.max()) < self.vocab
+                and 0 <= int(pos.min()) and int(pos.max()) < self.max_position)
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
         ids, pos, loc = (_i64(t) for t in (batch.input_ids, batch.positions, batch.out_cache_loc))
