@@ -24,3 +24,17 @@ def tiny_model_dir(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own load of the embedded SmolLM2 GGUF (float32, eval): the reference several
+    modules compare against. Loaded once per session: dequantizing the file takes ~25 s here."""
+    import torch
+    import transformers
+
+    from nlcli.engine.configs.model_source import resolve_model_source
+
+    folder, name = os.path.split(resolve_model_source(None).weight_files[0])
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                             dtype=torch.float32).eval()

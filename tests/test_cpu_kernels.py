@@ -155,16 +155,20 @@ def test_build_key_follows_the_sources(tmp_path, monkeypatch):
     assert build._key(cc) != before
 
 
-@pytest.mark.slow
 def test_without_a_compiler_torch_kernels_serve(tmp_path):
-    """No C compiler: a warning, torch's int4 kernels and per-op decode, and the same text."""
+    """No C compiler: a warning, torch's int4 kernels and per-op decode, and generation works."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama", str(tmp_path / "model"))
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from tests.tiny_models import make_runner, EngineDriver\n"
         "from nlcli.cpu_kernels import ops\n"
-        "r = make_runner(None, max_total_tokens=256, max_running_requests=2, quantization='gguf')\n"
+        f"r = make_runner({model!r}, max_total_tokens=256, max_running_requests=2, "
+        "quantization='int4')\n"
         "assert not ops.available() and r.cpu_decode_runner is None\n"
         "assert not r.attn_backend.c_decode\n"
+        "assert r.quant_plan.quantized and 'int4' in r.quant_plan.describe()\n"
         "print('TOKENS', EngineDriver(r).generate_greedy([[504, 3575, 282]], 6)[0])\n"
     )
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), NL_CACHE_DIR=str(tmp_path / "cache"))

@@ -29,13 +29,9 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def hf_reference(smollm2):
-    """transformers' own GGUF load of the same file (float32), loaded once for the module."""
-    import transformers
-
-    source = smollm2[0]
-    folder, name = os.path.split(source.weight_files[0])
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+def hf_reference(smollm2_hf):
+    """transformers' own GGUF load of the same file (float32; conftest, once per session)."""
+    return smollm2_hf
 
 
 def test_answers_paris_like_transformers(smollm2, hf_reference):

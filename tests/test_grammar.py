@@ -170,29 +170,24 @@ def test_compile_runs_off_the_caller(tok, backend, monkeypatch):
 
 @pytest.mark.slow
 def test_json_schema_on_embedded_model(tok, backend):
-    """Sampled answers from SmolLM2 under the schema all parse and validate."""
-    import inspect
+    """Sampled answers from SmolLM2 (nl's engine, float32) under the schema all parse and
+    validate."""
+    from tests.tiny_models import EngineDriver, make_runner
 
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=GGUF,
-                                                 dtype=torch.float32).eval()
-    # transformers 5.x renamed past_key_values to cache; accept either.
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    n = 8
+    runner = make_runner(None, max_total_tokens=2048, max_running_requests=n)
     msgs = [{"role": "user", "content": "Describe Paris as JSON with name and population."}]
     prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     prompt_ids = tok(prompt)["input_ids"]
-    n = 8
     compiled = backend.compile("json_schema", SCHEMA).result()
     matchers = [backend.matcher(compiled) for _ in range(n)]
     params = [SamplingParams.from_dict({"temperature": 0.5, "seed": s}) for s in range(n)]
     outs = [[] for _ in range(n)]
     done = [False] * n
-    with torch.no_grad():
-        res = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-        cache = getattr(res, "cache", None) or res.past_key_values
-        cache.batch_repeat_interleave(n)  # one prefill shared by the n samples
-        logits = res.logits[:, -1].repeat(n, 1)
+    driver = EngineDriver(runner)
+    rids = [driver.new_request() for _ in range(n)]
+    try:
+        logits = driver.forward(rids, [prompt_ids] * n).next_token_logits
         for _ in range(64):
             live = [None if d else m for d, m in zip(done, matchers)]
             info = SamplingBatchInfo.from_reqs(
@@ -208,9 +203,9 @@ def test_json_schema_on_embedded_model(tok, backend):
                     outs[i].append(t)
             if all(done):
                 break
-            res = model(input_ids=torch.tensor(nxt)[:, None], use_cache=True, **{cache_kw: cache})
-            cache = getattr(res, "cache", None) or res.past_key_values
-            logits = res.logits[:, -1]
+            logits = driver.forward(rids, [[t] for t in nxt]).next_token_logits
+    finally:
+        driver.free_all()
     texts = [tok.decode(o) for o in outs]
     assert all(done), texts
     for text in texts:

@@ -6,7 +6,6 @@ against transformers' log-probabilities on the same GGUF."""
 from __future__ import annotations
 
 import json
-import os
 
 import httpx
 import openai
@@ -75,7 +74,7 @@ def test_response_format_json_schema_and_json_object(client):
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
-def test_lm_eval_loglikelihood_matches_transformers(client, tok, source):
+def test_lm_eval_loglikelihood_matches_transformers(client, tok, smollm2_hf):
     # lm-eval's local-completions loglikelihood request, reproduced exactly (lm-eval itself is too
     # heavy for the test environment): token-id prompts, echo, max_tokens 1, logprobs 1, then
     # sum(token_logprobs[ctxlen:-1]) and a greedy check against top_logprobs.
@@ -86,11 +85,7 @@ def test_lm_eval_loglikelihood_matches_transformers(client, tok, source):
                                   logprobs=1, seed=1234, echo=True)
     if r.choices[0].logprobs is None:
         pytest.skip("the engine does not return logprobs yet (tokenizer manager hook pending)")
-    import transformers
-
-    folder, name = os.path.split(source.weight_files[0])
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                              dtype=torch.float32).eval()
+    model = smollm2_hf
     for choice, ids, ctxlen in zip(sorted(r.choices, key=lambda c: c.index), prompts, ctxlens):
         lp = choice.logprobs
         got = sum(lp.token_logprobs[ctxlen:-1])
