@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nlcli.cpu_kernels import blocks
+from nlcli.cpu_kernels import ops as cpu_ops
 from nlcli.engine.layers.quantization import int4_pack, int8_pack, prepack
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
@@ -56,6 +58,11 @@ def paths(w: torch.Tensor):
     q4 = int4_pack.pack(*int4_pack.quantize(w), torch.bfloat16)
     out.append(("int4 g32 (bf16 act)", 0.5 + 4 / 32,
                 lambda x, q=q4: int4_pack.int4_mm(x.bfloat16(), q)))
+    if cpu_ops.available():  # nl's C kernels (cpu_kernels): float16 scales per block of 32
+        b4 = blocks.q4_from_grid(*int4_pack.quantize(w))
+        out.append(("nl Q4_1 (int16 act)", 0.5 + 4 / 32, lambda x, b=b4: cpu_ops.q4_mm(x, b)))
+        b8 = blocks.q8_quantize(w)
+        out.append(("nl Q8_0 (int16 act)", 1 + 2 / 32, lambda x, b=b8: cpu_ops.q8_mm(x, b)))
     return out
 
 
