@@ -142,6 +142,23 @@ def test_decode_attention_keeps_extreme_scores_finite():
     torch.testing.assert_close(got[0, 0], v_buf[2, 0])
 
 
+def test_portable_build_without_avx2_agrees(tmp_path, monkeypatch):
+    """A CPU without AVX2/FMA/F16C gets the plain C loops: the same results."""
+    flags = [f for f in build.FLAGS if f != "-march=native"] + ["-mno-avx2", "-mno-fma", "-mno-f16c"]
+    monkeypatch.setattr(build, "FLAGS", flags)
+    monkeypatch.setenv("NL_CACHE_DIR", str(tmp_path))
+    ops._library.cache_clear()
+    try:
+        assert ops.available(), ops.unavailable_reason()
+        assert any(tmp_path.rglob("*.so"))  # this build, not the cached native one
+        test_q4_matmul_is_rounded_x_times_the_blocks(5)
+        test_q8_matmul_is_rounded_x_times_the_blocks(3)
+        test_decode_attention_reads_the_pool_in_place(5, 4, 2, 16, torch.bfloat16)
+        test_decode_attention_keeps_extreme_scores_finite()
+    finally:
+        ops._library.cache_clear()
+
+
 def test_build_key_follows_the_sources(tmp_path, monkeypatch):
     """A changed source is a new build, never a stale library."""
     cc = build._compiler()

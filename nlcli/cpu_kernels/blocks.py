@@ -65,6 +65,3 @@ def q8_dequantize(w: Q8Blocks) -> torch.Tensor:
     n, nb = w.out_features, w.in_features // BLOCK
     return (w.codes.reshape(n, nb, BLOCK).float() * w.d.float()[..., None]).reshape(n, -1)
 
-
-def nbytes(w) -> int:
-    return sum(t.numel() * t.element_size() for t in w if isinstance(t, torch.Tensor))

@@ -44,10 +44,7 @@ static inline float dot(const float *a, const void *b, int64_t n, int bf16) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load8(b, i, bf16), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float r = _mm_cvtss_f32(s);
+    float r = hsum(acc);
 #else
     float r = 0;
     int64_t i = 0;
@@ -69,9 +66,7 @@ static inline float exp_sum(float *s, int64_t n, float mx) {
         _mm256_storeu_ps(s + t, e);
         acc = _mm256_add_ps(acc, e);
     }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    sum = hsum(acc);
 #endif
     for (; t < n; t++) {
         s[t] = expf(s[t] - mx);

@@ -73,13 +73,6 @@ void nl_gemm_prepare(const nl_matrix *w, const float *x, int64_t M, int16_t *xq,
 }
 
 #ifdef NL_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* sum over a block of w (two halves of 16 int16) times x (32 int16 at xb), as 8 float lanes.
  * |w| <= 127 and |x| <= 32767: each int32 lane adds four products, far from overflow. */
 static inline __m256 dot_block(__m256i w0, __m256i w1, const int16_t *xb) {

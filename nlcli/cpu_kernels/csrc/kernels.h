@@ -25,6 +25,14 @@ static inline uint16_t float_to_bf16(float f) {
 }
 
 #ifdef NL_AVX2
+/* The sum of a vector's 8 lanes. */
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 /* exp(x) for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf
  * coefficients), then scaled by 2^n through the exponent bits. Relative error ~2 ulp; inputs
  * are clamped to [-87, 88], where 2^n still fits the exponent (e^-87 is the softmax's far tail,
