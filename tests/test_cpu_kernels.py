@@ -159,6 +159,15 @@ def test_portable_build_without_avx2_agrees(tmp_path, monkeypatch):
         ops._library.cache_clear()
 
 
+def test_unwritable_cache_builds_under_the_temp_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # a cache dir below a file cannot be made, even by root
+    monkeypatch.setenv("NL_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = build.build()
+    assert path.is_relative_to(tmp_path / "tmp") and path.exists()
+
+
 def test_build_key_follows_the_sources(tmp_path, monkeypatch):
     """A changed source is a new build, never a stale library."""
     cc = build._compiler()

@@ -1,7 +1,8 @@
 """Compile csrc/*.c into one shared library, cached per source and CPU, and load it with ctypes.
 
-The library is built for the machine it runs on (`-march=native`), so the cache key holds the CPU
-flags as well as the sources and the compiler: a home directory shared by two kinds of CPU keeps a
+The library is built for the machine it runs on (`-march=native`), under `$NL_CACHE_DIR`,
+`$XDG_CACHE_HOME/nl` or `~/.cache/nl` (the temp directory where none can be written), so the cache
+key holds the CPU flags as well as the sources and the compiler: a home directory shared by two kinds of CPU keeps a
 build for each. Builds are written under a temporary name and renamed into place, so processes
 starting together (tensor-parallel ranks) never load a half-written file. OpenMP comes from the
 libgomp torch has already loaded (same soname), so these kernels share torch's thread pool rather
@@ -57,15 +58,33 @@ def _key(cc: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _dirs() -> tuple[Path, Path]:
+    """The cache directory, then one under the system's temp directory for where the home
+    directory cannot be written (a read-only home in a container)."""
+    return cache_dir(), Path(tempfile.gettempdir()) / f"nl-cpu-kernels-{os.getuid()}"
+
+
+def _writable_dir() -> Path:
+    for d in _dirs():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    raise RuntimeError(f"no writable directory for the kernel build ({cache_dir()})")
+
+
 def build() -> Path:
     """The library's path, compiling it first if this machine has no build of these sources."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    out = cache_dir() / f"libnl_cpu_{_key(cc)}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"libnl_cpu_{_key(cc)}.so"
+    for d in _dirs():
+        if (d / name).exists():
+            return d / name
+    out = _writable_dir() / name
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"]

@@ -1,4 +1,5 @@
-"""GGUF weights: read with the `gguf` package, dequantized, renamed to HF checkpoint names.
+"""GGUF weights: indexed by gguf_file.py, dequantized by the `gguf` package, renamed to HF
+checkpoint names.
 
 llama.cpp's converter permutes the rows of q/k projections for the `llama` architecture (to its
 interleaved rotary layout); we undo it so the HF rotate-half rotary code applies unchanged.
@@ -50,12 +51,12 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    import gguf
     from gguf.quants import dequantize
 
-    reader = gguf.GGUFReader(path)
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else getattr(hf_config, "model_type", "llama")
+    from nlcli.engine.model_loader.gguf_file import GGUFFile
+
+    reader = GGUFFile(path)
+    arch = reader.field("general.architecture") or getattr(hf_config, "model_type", "llama")
     n_head = hf_config.num_attention_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_head
     for t in reader.tensors:
@@ -63,9 +64,7 @@ def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Te
         if name is None:
             logger.debug("skipping GGUF tensor %s", t.name)
             continue
-        # GGUF shapes list the fastest axis first; torch wants it last.
-        shape = tuple(int(x) for x in reversed(t.shape))
-        w = dequantize(t.data, t.tensor_type).reshape(shape)
+        w = dequantize(t.data, t.qtype).reshape(t.shape)
         if arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             w = _unpermute(w, n_head if ".q_proj." in name else n_kv)
         w = np.ascontiguousarray(w, dtype=np.float32)

@@ -33,14 +33,9 @@ def checkpoint_config(source: ModelSource) -> dict:
     """The checkpoint's architectures and attention-head counts, as far as its files say: HF
     config.json (next to a single .safetensors file too), or the GGUF's metadata."""
     if source.format == "gguf":
-        import gguf
+        from nlcli.engine.model_loader.gguf_file import GGUFFile
 
-        reader = gguf.GGUFReader(source.weight_files[0])
-
-        def field(key: str):
-            f = reader.fields.get(key)
-            return f.contents() if f is not None else None
-
+        field = GGUFFile(source.weight_files[0]).field
         arch = field("general.architecture")
         return {
             "architectures": [GGUF_ARCHITECTURES.get(arch, f"gguf:{arch}")] if arch else [],
