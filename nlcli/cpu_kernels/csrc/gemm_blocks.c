@@ -11,8 +11,9 @@
  * product is integer arithmetic, sixteen 16-bit multiply-adds per instruction, and one float
  * multiply by the two scales. That is twice the instructions of llama.cpp's int8 activations but
  * a quarter of converting every weight to float, and it keeps the activations to ~15 bits: int8
- * activations cost SmolLM2 its answer to "What is the capital of France?" (llama.cpp's server
- * answers "L'Étoile, la Marseillaise" too), int16 ones answer "Paris" as float32 does.
+ * activations cost SmolLM2 its answer to "What is the capital of France?" (llama.cpp, through
+ * llama-cpp-python, answers "L'Étoile, la Marseillaise" too), int16 ones answer "Paris" as
+ * float32 does.
  * These are decode kernels: they stream the weights once per call and reuse each block for up to
  * TILE rows of x, so their cost is the weight bytes while M is small.
  *
