@@ -56,7 +56,8 @@ def q8_quantize(w: torch.Tensor) -> Q8Blocks:
         blocks = rows.float().reshape(rows.shape[0], -1, BLOCK)
         d = (blocks.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
         safe = torch.where(d > 0, d.float(), torch.ones_like(d, dtype=torch.float32))
-        codes.append(blocks.div(safe).round_().clamp_(-127, 127).to(torch.int8).reshape(rows.shape[0], k))
+        q = blocks.div(safe).round_().clamp_(-127, 127).to(torch.int8)
+        codes.append(q.reshape(rows.shape[0], k))
         scales.append(d.reshape(rows.shape[0], -1))
     return Q8Blocks(torch.cat(codes).contiguous(), torch.cat(scales).contiguous(), n, k)
 

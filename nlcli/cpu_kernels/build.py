@@ -1,9 +1,9 @@
 """Compile csrc/*.c into one shared library, cached per source and CPU, and load it with ctypes.
 
 The library is built for the machine it runs on (`-march=native`), under `$NL_CACHE_DIR`,
-`$XDG_CACHE_HOME/nl` or `~/.cache/nl` (the temp directory where none can be written), so the cache
-key holds the CPU flags as well as the sources and the compiler: a home directory shared by two kinds of CPU keeps a
-build for each. Builds are written under a temporary name and renamed into place, so processes
+`$XDG_CACHE_HOME/nl` or `~/.cache/nl` (the temp directory where none can be written), so the
+cache key holds the CPU flags as well as the sources and the compiler: a home directory shared by
+two kinds of CPU keeps a build for each. Builds are written under a temporary name and renamed into place, so processes
 starting together (tensor-parallel ranks) never load a half-written file. OpenMP comes from the
 libgomp torch has already loaded (same soname), so these kernels share torch's thread pool rather
 than start a second one that would spin against it on the same cores.

@@ -121,7 +121,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     seq_lens = seq_lens.to(torch.int64).contiguous()
     out = torch.empty(B, H, D)
     lib().nl_decode_attention(q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
-                              int(k_buf.dtype == torch.bfloat16), req_to_token.data_ptr(), req_to_token.shape[1], rows.data_ptr(),
-                              seq_lens.data_ptr(), B, H, Hkv, D, scale, out.data_ptr(),
-                              torch.get_num_threads())
+                              int(k_buf.dtype == torch.bfloat16), req_to_token.data_ptr(),
+                              req_to_token.shape[1], rows.data_ptr(), seq_lens.data_ptr(), B, H,
+                              Hkv, D, scale, out.data_ptr(), torch.get_num_threads())
     return out

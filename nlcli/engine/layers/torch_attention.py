@@ -2,10 +2,11 @@
 
 `plan(batch)` runs once per forward and returns a `TorchAttentionPlan` (gather indices, masks) that
 the ForwardBatch carries; every layer's `forward` reads it from there, so the backend object holds
-no per-forward state. Decodes run as one call of nl's C kernel (cpu_kernels/csrc/decode_attention.c),
-which reads K/V from the pool in place, for float32 and bfloat16 pools on the CPU, and otherwise as one padded,
-masked SDPA call over a gathered copy; extends run one SDPA call per
-request (the causal mask is aligned to the cached prefix), in the 4-D layout of the fused kernel.
+no per-forward state. Decodes run as one call of nl's C kernel (cpu_kernels/csrc/
+decode_attention.c), which reads K/V from the pool in place, for float32 and bfloat16 pools on the
+CPU, and otherwise as one padded, masked SDPA call over a gathered copy; extends run one SDPA call
+per request (the causal mask is aligned to the cached prefix), in the 4-D layout of the fused
+kernel.
 """
 
 from __future__ import annotations

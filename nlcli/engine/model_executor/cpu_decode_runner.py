@@ -58,7 +58,8 @@ def _matrix(linear) -> Optional[ops.Matrix]:
 
 def why_not(model, kv_pool, server_args) -> Optional[str]:
     """Why the C decode step cannot serve this model (None: it can)."""
-    if not isinstance(model, LlamaForCausalLM) or type(model).forward is not LlamaForCausalLM.forward:
+    if (not isinstance(model, LlamaForCausalLM)
+            or type(model).forward is not LlamaForCausalLM.forward):
         return "not a Llama-family decoder"
     if model.qk_norm:
         return "per-head q/k norm"
@@ -76,11 +77,12 @@ def why_not(model, kv_pool, server_args) -> Optional[str]:
         attn, mlp = layer.self_attn, layer.mlp
         if mlp.act_fn.act is not torch.nn.functional.silu:
             return "not a SiLU MLP"
-        if attn.o_proj.bias is not None or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+        if any(lin.bias is not None for lin in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return "biases beyond qkv"
         for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
             if getattr(lin.method, "c_kind", None) is None:
-                return "matrices not on nl's C block kernels (--quantization none, or no C compiler)"
+                return ("matrices not on nl's C block kernels "
+                        "(--quantization none, or no C compiler)")
     if not ops.available():
         return f"nl CPU kernels unavailable: {ops.unavailable_reason()}"
     return None

@@ -66,7 +66,8 @@ class GGUFFile:
             n = int(np.prod(dims)) if dims else 1
             begin = start + offset
             data = mm[begin: begin + n // block * size]
-            self.tensors.append(GGUFTensor(name, tuple(int(d) for d in reversed(dims)), qtype, data))
+            shape = tuple(int(d) for d in reversed(dims))
+            self.tensors.append(GGUFTensor(name, shape, qtype, data))
 
     def field(self, key: str) -> Any:
         return self.fields.get(key)

@@ -6,8 +6,8 @@ dense), `int8` / `int4` quantize every matrix weight-only (what SGLang spells `-
 int8wo` / `int4wo-32`; int4 keeps the lm_head at int8), `none` keeps dense matmuls, and `auto`
 (the default) is `gguf` where it measures faster for a quantized checkpoint (the file's own
 weights, lossless; only the activations are rounded: to int16 per block of 32 in nl's C kernels,
-or to bfloat16 in torch's where no C compiler is found) and `none` otherwise. An explicit `--dtype float32` is never changed by `auto`: it stays exact
-against transformers.
+or to bfloat16 in torch's where no C compiler is found) and `none` otherwise. An explicit
+`--dtype float32` is never changed by `auto`: it stays exact against transformers.
 
 The quantized copies sit beside the dense weights, which serve large batches and stay the source
 of truth: after a weight update `reinstall` rebuilds the copies with the measured plan.
@@ -20,10 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-from nlcli.engine.layers.quantization import prepack
-from nlcli.engine.layers.quantization.choose import Layer, measure
 from nlcli.cpu_kernels import ops as cpu_ops
-from nlcli.engine.layers.quantization import int4_pack
+from nlcli.engine.layers.quantization import int4_pack, prepack
+from nlcli.engine.layers.quantization.choose import Layer, measure
 from nlcli.engine.layers.quantization.methods import (
     Dense,
     Quantized,
@@ -78,20 +77,22 @@ def _dense(weight: torch.Tensor, use_prepack: bool):
 
 
 def _quantized(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: bool):
-    if cpu_ops.available():
-        return _blocks(mode, weight, dense, max_rows, lm_head)
     # int4 keeps the lm_head at int8, as llama.cpp's 4-bit files keep their output matrix at 6-8
     # bits: rounded to 4 bits it alone cost SmolLM2 8.6% perplexity (int8 everywhere: 1.5%).
-    if mode == "int8" or (mode == "int4" and lm_head):
+    eight_bit = mode == "int8" or (mode == "int4" and lm_head)
+    if cpu_ops.available():
+        return _blocks(mode, weight, dense, max_rows, eight_bit)
+    if eight_bit:
         return int8_method(weight, dense, COMPUTE_DTYPE, max_rows)
     return int4_method(weight, dense, COMPUTE_DTYPE, max_rows, exact_only=mode == "gguf")
 
 
-def _blocks(mode: str, weight: torch.Tensor, dense, max_rows: int, lm_head: bool):
-    """nl's C kernels (cpu_kernels): 4-bit as Q4_1 blocks, 8-bit as Q8_0 blocks (per block of 32,
-    finer than torch's per-row int8), activations rounded to int16 per block. `gguf` keeps every matrix that lies on
-    a 4- or 8-bit grid already (a GGUF's Q8_0 output matrix included) and nothing else."""
-    if mode == "int8" or (mode == "int4" and lm_head):
+def _blocks(mode: str, weight: torch.Tensor, dense, max_rows: int, eight_bit: bool):
+    """nl's C kernels (cpu_kernels): 4-bit as Q4_1 blocks, 8-bit as Q8_0 blocks (per block of
+    32, finer than torch's per-row int8), activations rounded to int16 per block. `gguf` keeps
+    every matrix that lies on a 4- or 8-bit grid already (a GGUF's Q8_0 output matrix included)
+    and nothing else."""
+    if eight_bit:
         return q8_blocks_method(weight, dense, max_rows)
     if weight.dim() != 2 or weight.shape[1] % int4_pack.GROUP:
         return None
