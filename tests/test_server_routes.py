@@ -154,24 +154,28 @@ def test_pause_keeps_requests_and_output_matches_unpaused(server, tok, mode):
     t = _stream(server, prompt, n, events)
     wait_for(lambda: len(events) >= 5)
     _pause(server, mode=mode)
-    paused_at = time.monotonic()
-    # A request sent while paused queues; it runs after continue.
-    late: dict = {}
-    late_t = threading.Thread(target=lambda: late.update(r=post(server, "/generate", {
-        "text": "late", "sampling_params": {"temperature": 0, "max_new_tokens": 4}})))
-    late_t.start()
-    time.sleep(1.0)
-    resumed_at = time.monotonic()
-    assert not any(paused_at < at < resumed_at for at, _ in events), "tokens arrived while paused"
-    assert t.is_alive() and late_t.is_alive() and not late
-    _continue(server)
+    try:
+        # Chunks the engine sent before it answered may still be on their way to this client's
+        # stream thread (a race of threads, not of the engine); after that, nothing may come.
+        time.sleep(0.3)
+        held = len(events)
+        # A request sent while paused queues; it runs after continue.
+        late: dict = {}
+        late_t = threading.Thread(target=lambda: late.update(r=post(server, "/generate", {
+            "text": "late", "sampling_params": {"temperature": 0, "max_new_tokens": 4}})))
+        late_t.start()
+        time.sleep(1.0)  # 50 engine steps of the fake runner: a pause that leaks shows here
+        assert len(events) == held, "tokens were generated while paused"
+        assert t.is_alive() and late_t.is_alive() and not late
+    finally:
+        _continue(server)  # a failure here must not leave the module's server paused
     t.join(60)
     late_t.join(60)
     final = events[-1][1]
     assert final["text"] == want
     assert final["meta_info"]["finish_reason"] == {"type": "length", "length": n}
     assert late["r"].status_code == 200
-    assert any(at > resumed_at for at, _ in events)
+    assert len(events) > held
 
 
 def test_pause_abort_mode_ends_requests(server):
@@ -179,10 +183,12 @@ def test_pause_abort_mode_ends_requests(server):
     t = _stream(server, "Aborted by a pause", 400, events)
     wait_for(lambda: len(events) >= 3)
     _pause(server)  # mode defaults to abort
-    t.join(30)
-    assert not t.is_alive()
-    assert events[-1][1]["meta_info"]["finish_reason"]["type"] == "abort"
-    _continue(server)
+    try:
+        t.join(30)
+        assert not t.is_alive()
+        assert events[-1][1]["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        _continue(server)
     r = post(server, "/generate", {"text": "after", "sampling_params": {"max_new_tokens": 3}})
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 3
 
