@@ -36,6 +36,10 @@ def test_local_dir_metadata(tiny_model_dir):
     assert src.eos_token_ids() == [gen["eos_token_id"]]
     assert src.context_len() == json.load(open(os.path.join(path, "config.json")))["max_position_embeddings"]
     assert src.chat_template() == open(os.path.join(path, "chat_template.jinja")).read()
+    # The launcher's plain-JSON read agrees with transformers' config, overrides included.
+    assert src.architectures() == src.hf_config().architectures == ["LlamaForCausalLM"]
+    over = resolve_model_source(path, config_overrides={"architectures": ["BertModel"]})
+    assert over.architectures() == over.hf_config().architectures == ["BertModel"]
 
 
 def test_gguf_source_caches_tokenizer_and_config():
@@ -45,7 +49,7 @@ def test_gguf_source_caches_tokenizer_and_config():
     assert src.format == "gguf" and src.weight_files[0].endswith(".gguf")
     reader = gguf.GGUFReader(src.weight_files[0])
     field = lambda k: reader.fields[k].contents()  # noqa: E731
-    assert src.hf_config().architectures == ["LlamaForCausalLM"]
+    assert src.hf_config().architectures == src.architectures() == ["LlamaForCausalLM"]
     assert src.hf_config().num_hidden_layers == field("llama.block_count")
     assert src.eos_token_ids() == [field("tokenizer.ggml.eos_token_id")]
     assert src.chat_template() == field("tokenizer.chat_template")

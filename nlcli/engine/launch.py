@@ -103,7 +103,7 @@ def _embedding_only(source) -> bool:
     from nlcli.engine.models.registry import is_embedding_only
 
     try:
-        return is_embedding_only(getattr(source.hf_config(), "architectures", None) or [])
+        return is_embedding_only(source.architectures())
     except Exception:  # an unreadable config fails later with its own message
         return False
 

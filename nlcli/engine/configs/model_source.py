@@ -64,6 +64,15 @@ class ModelSource:
             self._cache["config"] = apply_config_overrides(config, self.config_overrides)
         return self._cache["config"]
 
+    def architectures(self) -> list[str]:
+        """config.json's `architectures` (after --json-model-override-args), read as plain JSON:
+        the launcher decides how to serve the model before it spawns the engine, and importing
+        transformers for this would hold the spawn back by seconds."""
+        if "architectures" in self.config_overrides:
+            return list(self.config_overrides["architectures"] or [])
+        config = _read_json(os.path.join(self.local_dir, "config.json")) or {}
+        return list(config.get("architectures") or [])
+
     def load_tokenizer(self, tokenizer_path: Optional[str] = None, **kwargs: Any) -> Any:
         from transformers import AutoTokenizer
 
