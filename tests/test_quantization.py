@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from nlcli.engine.layers.quantization import (QuantPlan, install_linear_methods, int4_pack,
                                               int8_pack, prepack, reinstall_linear_methods)
+from nlcli.engine.layers.quantization.install import HEAD_ROWS
 from nlcli.engine.layers.quantization.methods import Dense, int4_method, int8_method
 from nlcli.engine.model_loader.weight_update import update_weights_from_disk
 from tests.tiny_models import EngineDriver, make_runner, perturbed_copy
@@ -212,6 +213,28 @@ def test_weight_update_and_rollback_requantize(tiny_model_dir, tmp_path):
     assert torch.equal(logits(live), logits(quantized_runner(perturbed)))
     assert update_weights_from_disk(live, base).success
     assert torch.equal(logits(live), before)
+
+
+def test_the_lm_head_keeps_its_own_row_count(tiny_model_dir):
+    """The lm_head is measured apart from the body (one wide matrix whose quantized copy wins at
+    more rows); its count is applied to it alone and survives a rebuild after a weight change."""
+    runner = make_runner(tiny_model_dir("llama"), quantization="int8")
+    plan = runner.quant_plan
+    assert plan.rows_for(lm_head=True) >= plan.max_rows >= 1
+    # the head's measurement past the body's count is reported (none where the body won at 64)
+    assert "lm_head" in plan.reason or plan.max_rows >= max(HEAD_ROWS)
+    plan = reinstall_linear_methods(runner.model, QuantPlan("int8", max_rows=2, head_rows=8))
+    body = {m.method.max_rows for m in runner.model.modules() if hasattr(m, "set_method")
+            and m is not runner.model.logits_processor}
+    assert body == {2} and runner.model.logits_processor.method.max_rows == 8
+    assert "at up to 2 rows per matmul (the lm_head up to 8)" in plan.describe()
+    x = torch.randn(8, runner.model.config.hidden_size)
+    w = runner.model.lm_head_weight
+    head = runner.model.logits_processor.method
+    # 8 rows take the quantized head (rounded weights), 9 the dense one (exact).
+    assert not torch.equal(head(x), F.linear(x, w))
+    x9 = torch.randn(9, x.shape[1])
+    assert torch.equal(head(x9), F.linear(x9, w))
 
 
 def test_auto_changes_no_float32_model_and_no_model_without_a_4bit_grid(tiny_model_dir):

@@ -13,8 +13,9 @@ It takes over where everything it needs holds, and is skipped otherwise (the per
 - a Llama, Mistral or Qwen2 decoder (no per-head q/k norm), SiLU MLP, full-width rotary;
 - every decoder matrix on nl's C block kernels (`--quantization` gguf, int8 or int4, or auto
   where it picked them), and no bias but the qkv one;
-- per step: a decode-only batch of at most the quantization plan's row count (above it the dense
-  matmuls are faster, and the per-op path runs them).
+- per step: a decode-only batch of at most `max_rows` requests: the quantization plan's row count
+  (where one quantized matmul stops beating the dense one), raised by the start-up measurement of
+  whole steps (cpu_decode_limit.py); the per-op path runs larger batches on the dense matmuls.
 `refresh()` rebuilds the descriptors after the weights change (their pointers move).
 """
 
@@ -154,6 +155,4 @@ def create_cpu_decode_runner(server_args, model, req_to_token_pool, kv_pool,
     if why is not None:
         logger.info("Decode: per-op torch path (C decode step off: %s)", why)
         return None
-    logger.info("Decode: nl's C decode step for decode batches of up to %d requests",
-                quant_plan.max_rows)
     return CpuDecodeRunner(model, req_to_token_pool, kv_pool, quant_plan.max_rows)

@@ -38,6 +38,7 @@ from nlcli.engine.mem_cache.pool import (
     profile_max_num_tokens,
 )
 from nlcli.engine.model_executor.compile_runner import create_compile_runner
+from nlcli.engine.model_executor.cpu_decode_limit import decode_step_timer, largest_winning_batch
 from nlcli.engine.model_executor.cpu_decode_runner import create_cpu_decode_runner
 from nlcli.engine.model_executor.cuda_graph_runner import create_cuda_graph_runner
 from nlcli.engine.model_executor.device import apply_cpu_threads, choose_device_and_dtype
@@ -99,6 +100,12 @@ class ModelRunner:
         self.cpu_decode_runner = (create_cpu_decode_runner(
             server_args, self.model, self.req_to_token_pool, self.token_to_kv_pool,
             self.quant_plan) if self.device.type == "cpu" and self.model.uses_kv_cache else None)
+        if self.cpu_decode_runner is not None:
+            limit = largest_winning_batch(decode_step_timer(self), self.quant_plan.max_rows)
+            self.cpu_decode_runner.max_rows = limit.max_batch
+            logger.info("Decode: nl's C decode step for decode batches of up to %d requests%s",
+                        limit.max_batch, f" (measured per step, per-op -> C at batch {limit.text()})"
+                        if limit.timings else "")
         self.tp_leader = (StepBroadcaster(self.req_to_token_pool)
                           if self.tp_size > 1 and self.tp_rank == 0 else None)
 
