@@ -10,7 +10,9 @@ or to bfloat16 in torch's where no C compiler is found) and `none` otherwise. An
 `--dtype float32` is never changed by `auto`: it stays exact against transformers.
 
 The quantized copies sit beside the dense weights, which serve large batches and stay the source
-of truth: after a weight update `reinstall` rebuilds the copies with the measured plan.
+of truth: after a weight update `reinstall` rebuilds the copies with the measured plan. The row
+count up to which a copy serves is measured at start over the body's matrices, and for the lm_head
+apart (one wide matrix, whose quantized copy keeps winning at more rows).
 """
 
 from __future__ import annotations
