@@ -106,16 +106,21 @@ def _sdpa_reference(q, k_buf, v_buf, req_to_token, rows, lens, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,dim", [(1, 9, 3, 64), (5, 4, 2, 16), (3, 6, 6, 24),
-                                                     (8, 8, 1, 32)])
-def test_decode_attention_reads_the_pool_in_place(batch, heads, kv_heads, dim, dtype):
-    """bfloat16 pools are widened exactly as they are read: the same result as float32 K/V."""
-    g = torch.Generator().manual_seed(batch * 100 + heads)
-    pool = 400
+                                                     (8, 8, 1, 32), (2, 8, 1, 32)])
+@pytest.mark.parametrize("longest", [70, 330])
+def test_decode_attention_reads_the_pool_in_place(batch, heads, kv_heads, dim, dtype, longest):
+    """bfloat16 pools are widened exactly as they are read: the same result as float32 K/V. With
+    330 keys, one or two requests split their keys into chunks merged after (split-K), an empty
+    chunk included where a one-token request sits beside a long one."""
+    g = torch.Generator().manual_seed(batch * 100 + heads + longest)
+    pool = batch * longest
     k_buf = torch.randn(pool, kv_heads, dim, generator=g).to(dtype)
     v_buf = torch.randn(pool, kv_heads, dim, generator=g).to(dtype)
-    lens = torch.randint(1, 70, (batch,), generator=g)
-    lens[0] = 1  # a request with only its new token
-    req_to_token = torch.zeros(batch + 2, 80, dtype=torch.int64)
+    lens = torch.randint(1, longest, (batch,), generator=g)
+    lens[-1] = longest - 1
+    if batch > 1:
+        lens[0] = 1  # a request with only its new token
+    req_to_token = torch.zeros(batch + 2, longest + 10, dtype=torch.int64)
     rows = torch.randperm(batch + 2, generator=g)[:batch]
     slots = torch.randperm(pool, generator=g)  # scattered, as after evictions
     used = 0
@@ -153,7 +158,8 @@ def test_portable_build_without_avx2_agrees(tmp_path, monkeypatch):
         assert any(tmp_path.rglob("*.so"))  # this build, not the cached native one
         test_q4_matmul_is_rounded_x_times_the_blocks(5)
         test_q8_matmul_is_rounded_x_times_the_blocks(3)
-        test_decode_attention_reads_the_pool_in_place(5, 4, 2, 16, torch.bfloat16)
+        test_decode_attention_reads_the_pool_in_place(5, 4, 2, 16, torch.bfloat16, 70)
+        test_decode_attention_reads_the_pool_in_place(2, 8, 1, 32, torch.float32, 330)  # split-K
         test_decode_attention_keeps_extreme_scores_finite()
     finally:
         ops._library.cache_clear()

@@ -7,9 +7,11 @@
  *   out      [B, H, D]        float32
  *
  * Query head h reads KV head h / (H / Hkv) (grouped-query attention). A task is one request and
- * one KV head with its G query heads (K/V read once for the group), or one query head when the
- * batch has too few groups to keep every thread busy. Softmax is exact: scores first, then the
- * max, then exp and the weighted sum of V, in float32 (bfloat16 K/V are widened as they are read).
+ * one KV head with its G query heads (K/V read once for the group); with too few groups to keep
+ * every thread busy, a chunk of such a task's keys (split-K, merged after), or for short contexts
+ * one query head. Softmax is exact: scores first, then the max, then exp and the weighted sum of
+ * V, in float32 (bfloat16 K/V are widened as they are read); chunks merge by rescaling to the
+ * largest max.
  */
 #include <math.h>
 #include <stdint.h>
@@ -112,53 +114,113 @@ static void qk_scores(const float *q, kv_view k, const int64_t *slots, int64_t l
     for (; t < len; t++) scores[t] = scale * dot(q, kv_row(k, slots[t]), D, k.bf16);
 }
 
-/* Query heads [h0, h0 + g) of request b, all on the KV head k and v are at. scores: scratch of
- * g * len floats. */
-static void attend(const float *q, kv_view k, kv_view v, const int64_t *slots, int64_t len,
-                   int64_t H, int64_t D, float scale, int64_t b, int64_t h0, int64_t g,
-                   float *scores, float *out) {
-    for (int64_t j = 0; j < g; j++)
-        qk_scores(q + (b * H + h0 + j) * D, k, slots, len, D, scale, scores + j * len);
+/* Query heads [h0, h0 + g) of request b, all on the KV head k and v are at, over the len keys at
+ * `slots`: per head j, the scores' max m[j], the sum l[j] of exp(score - m[j]) and, in o + j * D,
+ * the sum of exp(score - m[j]) * v: the unnormalized softmax, so partial results over chunks of
+ * the keys can be merged. scores: scratch of g * len floats. */
+static void attend_part(const float *q, kv_view k, kv_view v, const int64_t *slots, int64_t len,
+                        int64_t H, int64_t D, float scale, int64_t b, int64_t h0, int64_t g,
+                        float *scores, float *m, float *l, float *o) {
     for (int64_t j = 0; j < g; j++) {
         float *s = scores + j * len, mx = -INFINITY;
+        qk_scores(q + (b * H + h0 + j) * D, k, slots, len, D, scale, s);
         for (int64_t t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-        const float inv = 1.0f / exp_sum(s, len, mx);
-        for (int64_t t = 0; t < len; t++) s[t] *= inv;
-        float *o = out + (b * H + h0 + j) * D;
-        for (int64_t i = 0; i < D; i++) o[i] = 0;
+        m[j] = mx;
+        l[j] = len ? exp_sum(s, len, mx) : 0.0f;
+        for (int64_t i = 0; i < D; i++) o[j * D + i] = 0;
     }
     for (int64_t t = 0; t < len; t++) {
         const void *vr = kv_row(v, slots[t]);
-        for (int64_t j = 0; j < g; j++) axpy(scores[j * len + t], vr, out + (b * H + h0 + j) * D, D, v.bf16);
+        for (int64_t j = 0; j < g; j++) axpy(scores[j * len + t], vr, o + j * D, D, v.bf16);
     }
 }
 
-/* The tasks of one decode attention as an orphaned `omp for` (see gemm_blocks.c). */
+/* Keys per chunk at least: below this a chunk's fixed costs outweigh the spread over threads. */
+#define MIN_CHUNK 64
+
+/* How many chunks each request's keys are split into: with fewer KV-head groups than twice the
+ * threads (decode of one or two requests), whole groups leave threads idle, and one task per query
+ * head would read each KV head G times over; chunks of the keys, merged after, do neither. */
+static int64_t key_splits(const int64_t *seq_lens, int64_t B, int64_t groups, int nthreads) {
+    if (groups >= 2 * nthreads) return 1;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    const int64_t want = (2 * nthreads + groups - 1) / groups, most = longest / MIN_CHUNK;
+    return want < most ? want : (most > 1 ? most : 1);
+}
+
+/* Scratch of at least n floats, kept per thread across tasks. */
+static float *grow(float *buf, int64_t *cap, int64_t n) {
+    if (n <= *cap) return buf;
+    free(buf);
+    *cap = n;
+    return malloc(sizeof(float) * (size_t)n);
+}
+
+/* The tasks of one decode attention as orphaned `omp for`s (see gemm_blocks.c): one task per
+ * request and KV head (its G query heads read K/V once), or per query head where the groups are
+ * too few and the keys too short to split; with key_splits > 1, one per chunk of the keys, then
+ * one merge per request and KV head. */
 void nl_decode_attention_omp_for(const float *q, const void *k_buf, const void *v_buf, int kv_bf16,
                                  const int64_t *req_to_token, int64_t ctx, const int64_t *rows,
                                  const int64_t *seq_lens, int64_t B, int64_t H, int64_t Hkv,
                                  int64_t D, float scale, float *out, int nthreads) {
-    const int64_t esize = kv_bf16 ? 2 : 4;
-    const int64_t G = H / Hkv;
+    const int64_t esize = kv_bf16 ? 2 : 4, row = Hkv * D * esize;
+    const int64_t G = H / Hkv, splits = key_splits(seq_lens, B, B * Hkv, nthreads);
     /* Whole groups when there are enough of them to share out, else one query head per task. */
-    const int64_t g = B * Hkv >= 2 * nthreads ? G : 1;
-    const int64_t tasks = B * (H / g);
-    float *scores = NULL;
+    const int64_t g = splits > 1 || B * Hkv >= 2 * nthreads ? G : 1;
+    const int64_t tasks = B * (H / g) * splits, part = g * (D + 2); /* m, l, o per head */
+    float *scores = NULL, *parts = NULL;
     int64_t cap = 0;
+    if (splits > 1) {
+#pragma omp single copyprivate(parts)
+        parts = malloc(sizeof(float) * (size_t)(tasks * part));
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; task++) {
-        const int64_t b = task / (H / g), h0 = (task % (H / g)) * g, len = seq_lens[b];
-        if (g * len > cap) {
-            free(scores);
-            cap = g * len;
-            scores = malloc(sizeof(float) * (size_t)cap);
-        }
-        const int64_t head = (h0 / G) * D * esize, row = Hkv * D * esize;
+        const int64_t c = task % splits, bh = task / splits;
+        const int64_t b = bh / (H / g), h0 = (bh % (H / g)) * g, len = seq_lens[b];
+        const int64_t chunk = (len + splits - 1) / splits;
+        const int64_t t0 = c * chunk < len ? c * chunk : len, t1 = t0 + chunk < len ? t0 + chunk : len;
+        scores = grow(scores, &cap, g * (t1 - t0) + 2 * g);
+        const int64_t head = (h0 / G) * D * esize;
         const kv_view k = {(const char *)k_buf + head, row, kv_bf16};
         const kv_view v = {(const char *)v_buf + head, row, kv_bf16};
-        attend(q, k, v, req_to_token + rows[b] * ctx, len, H, D, scale, b, h0, g, scores, out);
+        const int64_t *slots = req_to_token + rows[b] * ctx + t0;
+        float *ml = scores + g * (t1 - t0);
+        if (splits > 1) {
+            float *p = parts + task * part;
+            attend_part(q, k, v, slots, t1 - t0, H, D, scale, b, h0, g, scores, p, p + g, p + 2 * g);
+            continue;
+        }
+        float *o = out + (b * H + h0) * D;
+        attend_part(q, k, v, slots, t1 - t0, H, D, scale, b, h0, g, scores, ml, ml + g, o);
+        for (int64_t j = 0; j < g; j++)
+            for (int64_t i = 0; i < D; i++) o[j * D + i] /= ml[g + j];
     }
     free(scores);
+    if (splits == 1) return;
+    /* Merge the chunks of each request and KV head: rescale each to the largest max. */
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * Hkv; bh++) {
+        const float *first = parts + bh * splits * part;
+        for (int64_t j = 0; j < g; j++) {
+            float mx = -INFINITY, sum = 0;
+            for (int64_t c = 0; c < splits; c++) mx = first[c * part + j] > mx ? first[c * part + j] : mx;
+            float *o = out + (bh * G + j) * D;
+            for (int64_t i = 0; i < D; i++) o[i] = 0;
+            for (int64_t c = 0; c < splits; c++) {
+                const float *p = first + c * part;
+                if (p[g + j] == 0) continue; /* an empty chunk */
+                const float w = expf(p[j] - mx);
+                sum += w * p[g + j];
+                for (int64_t i = 0; i < D; i++) o[i] += w * p[2 * g + j * D + i];
+            }
+            for (int64_t i = 0; i < D; i++) o[i] /= sum;
+        }
+    }
+#pragma omp single nowait
+    free(parts);
 }
 
 void nl_decode_attention(const float *q, const void *k_buf, const void *v_buf, int kv_bf16,
