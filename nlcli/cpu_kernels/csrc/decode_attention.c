@@ -77,13 +77,28 @@ static inline float exp_sum(float *s, int64_t n, float mx) {
     return sum;
 }
 
-static inline void axpy(float a, const void *x, float *y, int64_t n, int bf16) {
-    int64_t i = 0;
+/* o[0:D] = sum over t of w[t] * v_t (o overwritten). 64 dims at a time sit in eight registers
+ * across all the keys, so o is not loaded and stored once per key. */
+static void weighted_sum(const float *w, kv_view v, const int64_t *slots, int64_t len, int64_t D,
+                         float *o) {
+    int64_t d0 = 0;
 #ifdef NL_AVX2
-    const __m256 va = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, kv_load8(x, i, bf16), _mm256_loadu_ps(y + i)));
+    for (; d0 + 64 <= D; d0 += 64) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            const void *vr = kv_row(v, slots[t]);
+            const __m256 wt = _mm256_set1_ps(w[t]);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wt, kv_load8(vr, d0 + 8 * i, v.bf16), a[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, a[i]);
+    }
 #endif
-    for (; i < n; i++) y[i] += a * kv_at(x, i, bf16);
+    for (int64_t i = d0; i < D; i++) o[i] = 0;
+    for (int64_t t = 0; d0 < D && t < len; t++) {
+        const void *vr = kv_row(v, slots[t]);
+        for (int64_t i = d0; i < D; i++) o[i] += w[t] * kv_at(vr, i, v.bf16);
+    }
 }
 
 /* scores[t] = scale * q . k_t for the len keys of one KV head: four keys per pass, so four
@@ -127,11 +142,7 @@ static void attend_part(const float *q, kv_view k, kv_view v, const int64_t *slo
         for (int64_t t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
         m[j] = mx;
         l[j] = len ? exp_sum(s, len, mx) : 0.0f;
-        for (int64_t i = 0; i < D; i++) o[j * D + i] = 0;
-    }
-    for (int64_t t = 0; t < len; t++) {
-        const void *vr = kv_row(v, slots[t]);
-        for (int64_t j = 0; j < g; j++) axpy(scores[j * len + t], vr, o + j * D, D, v.bf16);
+        weighted_sum(s, v, slots, len, D, o + j * D);
     }
 }
 
