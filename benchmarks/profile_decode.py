@@ -10,7 +10,7 @@ Where the C decode step (model_executor/cpu_decode_runner.py) serves a batch, al
 body is one call, `c_decode_step`, and only the lm_head and sampling are timed apart from it.
 CPU ops run synchronously, so wall-clock timers are exact here. The memory floor printed beside
 the figures is the bytes of the weights a step reads (the quantized copies at up to the plan's row
-count, the dense weights above) / measured read bandwidth (a sum over a buffer larger than the
+count or the C step's batch limit, the dense weights above) / measured read bandwidth (a sum over a buffer larger than the
 caches).
 Prints a table (stderr) and one JSON line (stdout):
 
@@ -176,16 +176,20 @@ def main() -> None:
     dense_bytes = runner.weight_bytes - plan.extra_bytes
     all_quantized = plan.quantized and plan.quantized == plan.total
 
+    # The C decode step reads the quantized copies up to its own measured batch limit.
+    c_step = getattr(runner, "cpu_decode_runner", None)
+    quantized_rows = max(plan.max_rows, c_step.max_rows if c_step is not None else 0)
+
     def floor_ms(bs: int) -> float:
-        small = all_quantized and bs <= plan.max_rows
+        small = all_quantized and bs <= quantized_rows
         return (plan.extra_bytes if small else dense_bytes) / bw * 1000
 
     result = {"threads": torch.get_num_threads(), "dtype": str(runner.dtype),
               "weight_mb": dense_bytes / 1e6, "quantized_mb": plan.extra_bytes / 1e6,
-              "quantized_up_to_rows": plan.max_rows, "read_gbps": bw / 1e9,
+              "quantized_up_to_rows": quantized_rows, "read_gbps": bw / 1e9,
               "compile_s": compile_runner.compile_seconds if compile_runner is not None else None}
     print(f"threads {result['threads']}, {runner.dtype}, weights {dense_bytes / 1e6:.0f} MB dense, "
-          f"{plan.extra_bytes / 1e6:.0f} MB quantized (read at up to {plan.max_rows} rows), "
+          f"{plan.extra_bytes / 1e6:.0f} MB quantized (read at up to {quantized_rows} rows), "
           f"read bandwidth {bw / 1e9:.1f} GB/s",
           file=sys.stderr)
     for bs in [int(x) for x in a.batch_sizes.split(",")]:
