@@ -78,7 +78,7 @@ static inline float exp_sum(float *s, int64_t n, float mx) {
 }
 
 /* o[0:D] = sum over t of w[t] * v_t (o overwritten). 64 dims at a time sit in eight registers
- * across all the keys, so o is not loaded and stored once per key. */
+ * across all the keys, so o is not loaded and stored once per key; then 8 at a time, then one. */
 static void weighted_sum(const float *w, kv_view v, const int64_t *slots, int64_t len, int64_t D,
                          float *o) {
     int64_t d0 = 0;
@@ -92,6 +92,12 @@ static void weighted_sum(const float *w, kv_view v, const int64_t *slots, int64_
             for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wt, kv_load8(vr, d0 + 8 * i, v.bf16), a[i]);
         }
         for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, a[i]);
+    }
+    for (; d0 + 8 <= D; d0 += 8) { /* a head size that is no multiple of 64: 8 dims at a time */
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; t++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), kv_load8(kv_row(v, slots[t]), d0, v.bf16), a);
+        _mm256_storeu_ps(o + d0, a);
     }
 #endif
     for (int64_t i = d0; i < D; i++) o[i] = 0;
