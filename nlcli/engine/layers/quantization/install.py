@@ -176,7 +176,7 @@ def install_linear_methods(model: torch.nn.Module, requested: Optional[str], dty
     plan = QuantPlan(mode, max_rows=1 << 30, prepacked=prepacked)  # every row, to measure
     src = "auto" if requested in (None, "auto") else f"--quantization {mode}"
     if mode == "none":
-        plan.reason = f"--quantization none; {why_prepack}"
+        plan.max_rows, plan.reason = 0, f"--quantization none; {why_prepack}"
         return reinstall(model, plan)
     methods = _build(plan, targets)
     layers = [Layer(w.shape[1], m.dense, m) for (_, w, _), m in zip(targets, methods)
